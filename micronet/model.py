@@ -1,0 +1,217 @@
+"""The MicroNet core language model: a pre-LayerNorm Transformer with sliding-window attention.
+
+Every query attends to itself and the ``n_seq`` positions before it (span ``C = n_seq + 1``),
+with a learned relative-position table per layer shared by the heads:
+
+    logit(t, j) = (q_t . k_j + q_t . E[:, t - j]) / sqrt(d_head),   0 <= t - j <= n_seq.
+
+A sequence is cut into segments of ``segment_len`` queries. Each segment attends to its own
+keys plus the ``n_seq`` keys before it, so the attention costs O(T * (segment_len + n_seq))
+instead of O(T^2), and all segments of a chunk run as one batched call. Keys/values of the last
+``n_seq`` positions are returned as :class:`Memory` so evaluation can carry them across chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from micronet.adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax, init_adaptive
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of :class:`TransformerLM` (paper names)."""
+
+    vocab_size: int = 0  # 0: taken from the data at run time
+    d_model: int = 256
+    n_layer: int = 8
+    n_head: int = 8
+    d_head: int = 24
+    d_ff: int = 768
+    n_seq: int = 96  # previous positions each query sees; attention span C = n_seq + 1
+    segment_len: int = 96  # queries per attention block
+    cutoffs: list[int] = field(default_factory=lambda: [3500, 25000])
+    bin_dims: list[int] = field(default_factory=lambda: [256, 64, 4])
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    @property
+    def attn_span(self) -> int:
+        """C: the number of keys each query sees."""
+        return self.n_seq + 1
+
+    def validate(self) -> None:
+        """Raise ValueError with a clear message on an impossible configuration."""
+        for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_head", "d_ff", "n_seq", "segment_len"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if len(self.bin_dims) != len(self.cutoffs) + 1 or min(self.bin_dims) < 1:
+            raise ValueError(f"model.bin_dims needs {len(self.cutoffs) + 1} positive dims, got {self.bin_dims}")
+        edges = [0, *self.cutoffs, self.vocab_size]
+        if any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"model.cutoffs must increase strictly below vocab_size={self.vocab_size}: {self.cutoffs}")
+
+
+@dataclass
+class Memory:
+    """Keys/values of the last ``n_seq`` positions of every layer, right-aligned.
+
+    ``kv[l]`` has shape (B, n_seq, 2, n_head, d_head); only the last ``n_valid`` slots hold
+    real positions (the rest is masked), so a fresh sequence starts with ``n_valid = 0``.
+    """
+
+    kv: list[torch.Tensor]
+    n_valid: int
+
+    def detach(self) -> "Memory":
+        """A copy cut from the autograd graph, for carrying across chunks."""
+        return Memory([t.detach() for t in self.kv], self.n_valid)
+
+
+def skew(x: torch.Tensor) -> torch.Tensor:
+    """(..., L, C) -> (..., L, L + C - 1) with ``out[..., i, i + c] = x[..., i, c]``.
+
+    Entries off that band are arbitrary; callers mask them.
+    """
+    *lead, L, C = x.shape
+    x = F.pad(x, (0, L))  # (..., L, C + L)
+    x = x.reshape(*lead, L * (C + L))[..., : L * (C + L - 1)]  # (..., L * (C + L - 1))
+    return x.reshape(*lead, L, C + L - 1)  # (..., L, L + C - 1)
+
+
+def window_mask(n_seg: int, seg_len: int, n_seq: int, n_valid: int, device: torch.device) -> torch.Tensor:
+    """Additive mask (n_seg, 1, seg_len, n_seq + seg_len): 0 where a query may look, -inf elsewhere.
+
+    Key column j of segment s sits at position ``s * seg_len - n_seq + j`` (0 = first query of the
+    chunk); query i sits at ``s * seg_len + i``. A key is visible when 0 <= query - key <= n_seq and
+    the key exists (memory holds ``n_valid`` real positions before the chunk).
+    """
+    s = torch.arange(n_seg, device=device)[:, None, None]
+    i = torch.arange(seg_len, device=device)[None, :, None]
+    j = torch.arange(n_seq + seg_len, device=device)[None, None, :]
+    dist = n_seq + i - j
+    visible = (dist >= 0) & (dist <= n_seq) & (s * seg_len - n_seq + j >= -n_valid)
+    mask = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))
+    return mask[:, None]  # (n_seg, 1, seg_len, n_seq + seg_len)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head sliding-window attention with a relative position table shared by heads."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.d_head, self.n_seq = cfg.n_head, cfg.d_head, cfg.n_seq
+        self.segment_len = cfg.segment_len
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.n_head * cfg.d_head)
+        self.out = nn.Linear(cfg.n_head * cfg.d_head, cfg.d_model, bias=False)
+        self.pos = nn.Parameter(torch.zeros(cfg.d_head, cfg.attn_span))  # E[:, distance]
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor | None, n_valid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, d_model), mem: (B, n_seq, 2, H, dh) or None -> (out (B, T, d_model), new mem)."""
+        B, T, _ = x.shape
+        H, dh, M = self.n_head, self.d_head, self.n_seq
+        L = min(self.segment_len, T)
+        S = -(-T // L)  # segments, the last one padded
+        qkv = self.qkv(x).view(B, T, 3, H, dh)  # (B, T, 3, H, dh)
+        q, kv = qkv[:, :, 0], qkv[:, :, 1:]  # (B, T, H, dh), (B, T, 2, H, dh)
+        if mem is None:
+            mem = kv.new_zeros(B, M, 2, H, dh)
+            n_valid = 0
+        kv_all = torch.cat([mem.to(kv.dtype), kv], dim=1)  # (B, M + T, 2, H, dh)
+        new_mem = kv_all[:, T:]  # (B, M, 2, H, dh): the last n_seq positions
+        pad = S * L - T
+        if pad:
+            kv_all = F.pad(kv_all, (0, 0, 0, 0, 0, 0, 0, pad))  # (B, M + S*L, 2, H, dh)
+            q = F.pad(q, (0, 0, 0, 0, 0, pad))  # (B, S*L, H, dh)
+        # Segment s sees keys [s*L, s*L + M + L) of kv_all: its own plus the n_seq before.
+        win = kv_all.unfold(1, M + L, L)  # (B, S, 2, H, dh, M + L)
+        k = win[:, :, 0].transpose(-1, -2).reshape(B * S, H, M + L, dh)  # (B*S, H, M+L, dh)
+        v = win[:, :, 1].transpose(-1, -2).reshape(B * S, H, M + L, dh)  # (B*S, H, M+L, dh)
+        q = q.view(B, S, L, H, dh).transpose(2, 3).reshape(B * S, H, L, dh)  # (B*S, H, L, dh)
+        # Position logits q . E[:, d]; flipping puts distance n_seq - c in column c, so that
+        # skewing aligns row i's distances with key columns i .. i + n_seq.
+        pos = torch.matmul(q, self.pos.to(q.dtype)).flip(-1)  # (B*S, H, L, C)
+        bias = skew(pos).view(B, S, H, L, M + L) / math.sqrt(dh)  # (B, S, H, L, M+L)
+        bias = bias + window_mask(S, L, M, n_valid, x.device).to(bias.dtype)  # mask (S, 1, L, M+L)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.view(B * S, H, L, M + L), dropout_p=self.dropout if self.training else 0.0
+        )  # (B*S, H, L, dh)
+        y = y.view(B, S, H, L, dh).transpose(2, 3).reshape(B, S * L, H * dh)[:, :T]  # (B, T, H*dh)
+        return self.out(y), new_mem
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm residual block: x + attn(ln(x)), then x + ffn(ln(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = WindowAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.d_ff), nn.ReLU(), nn.Linear(cfg.d_ff, cfg.d_model), nn.Dropout(cfg.dropout)
+        )
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor | None, n_valid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, d_model) -> (B, T, d_model), new memory of this layer."""
+        a, new_mem = self.attn(self.ln1(x), mem, n_valid)
+        x = x + a
+        return x + self.ffn(self.ln2(x)), new_mem
+
+
+class TransformerLM(nn.Module):
+    """Adaptive input -> n_layer blocks -> tied adaptive softmax (no final LayerNorm)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = AdaptiveEmbedding(cfg.vocab_size, cfg.d_model, list(cfg.cutoffs), list(cfg.bin_dims))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.softmax = AdaptiveLogSoftmax(self.embed)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise every weight (N(0, init_std) linears and position tables, zero biases)."""
+        std = self.cfg.init_std
+        for layer in self.layers:
+            for m in layer.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=std)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+            nn.init.normal_(layer.attn.pos, std=std)
+        init_adaptive(self.embed, self.softmax, std)
+
+    def forward(self, idx: torch.Tensor, memory: Memory | None = None) -> tuple[torch.Tensor, Memory]:
+        """idx: (B, T) token ids -> final hidden states (B, T, d_model) and the new memory."""
+        x = self.drop(self.embed(idx) * math.sqrt(self.cfg.d_model))  # (B, T, d_model)
+        n_valid = memory.n_valid if memory is not None else 0
+        new_kv = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, memory.kv[i] if memory is not None else None, n_valid)
+            new_kv.append(kv)
+        return x, Memory(new_kv, min(self.cfg.n_seq, n_valid + idx.shape[1]))
+
+    def log_probs(self, h: torch.Tensor) -> torch.Tensor:
+        """Full next-word log-probabilities: (..., d_model) -> (..., vocab_size)."""
+        return self.softmax.log_probs(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], -1)
+
+    def target_log_probs(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """log p(target): h (..., d_model), target (...) -> (...) float32."""
+        flat = self.softmax.target_log_probs(h.reshape(-1, h.shape[-1]), target.reshape(-1))  # (N,)
+        return flat.view(target.shape)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameter values (tied tensors counted once)."""
+    return sum(p.numel() for p in model.parameters())

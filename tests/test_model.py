@@ -1,0 +1,143 @@
+"""Model numerics: windowed attention vs. a direct computation, adaptive softmax, exact sizes."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from micronet.model import Memory, ModelConfig, TransformerLM, count_parameters, skew
+
+TINY = dict(vocab_size=50, d_model=16, n_layer=2, n_head=2, d_head=4, d_ff=24, n_seq=5, segment_len=5,
+            cutoffs=[10, 30], bin_dims=[16, 8, 2])
+
+
+def tiny_model(**kw) -> TransformerLM:
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(**{**TINY, **kw})).double()
+    with torch.no_grad():  # non-zero biases so that every term is exercised
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def reference_forward(model: TransformerLM, idx: torch.Tensor) -> torch.Tensor:
+    """Whole-sequence sliding-window attention written directly from the definition."""
+    cfg = model.cfg
+    B, T = idx.shape
+    x = model.embed(idx) * math.sqrt(cfg.d_model)
+    for layer in model.layers:
+        a = layer.attn
+        qkv = a.qkv(layer.ln1(x)).view(B, T, 3, cfg.n_head, cfg.d_head)
+        q, k, v = qkv.unbind(2)  # (B, T, H, dh) each
+        out = torch.zeros(B, T, cfg.n_head, cfg.d_head, dtype=x.dtype)
+        for t in range(T):
+            js = list(range(max(0, t - cfg.n_seq), t + 1))
+            logits = torch.stack(
+                [(q[:, t] * k[:, j]).sum(-1) + q[:, t] @ a.pos[:, t - j] for j in js], dim=-1
+            ) / math.sqrt(cfg.d_head)  # (B, H, |js|)
+            p = logits.softmax(-1)
+            out[:, t] = sum(p[..., n, None] * v[:, j] for n, j in enumerate(js))
+        x = x + a.out(out.reshape(B, T, -1))
+        x = x + layer.ffn(layer.ln2(x))
+    return x
+
+
+def test_skew_places_rows_on_diagonals():
+    x = torch.arange(12.0).view(3, 4)
+    y = skew(x)
+    assert y.shape == (3, 6)
+    for i in range(3):
+        assert torch.equal(y[i, i : i + 4], x[i])
+
+
+@pytest.mark.parametrize("segment_len", [1, 3, 5, 8, 40])
+def test_segmented_attention_equals_direct_computation(segment_len):
+    model = tiny_model(segment_len=segment_len)
+    idx = torch.randint(0, 50, (2, 23))
+    ref = reference_forward(model, idx)
+    with torch.no_grad():
+        h, mem = model(idx)
+    assert torch.allclose(h, ref, atol=1e-6, rtol=0)
+    assert mem.n_valid == 5
+
+
+@pytest.mark.parametrize("chunks", [[23], [1] * 23, [4, 7, 1, 11], [5, 5, 5, 5, 3]])
+def test_memory_carried_across_chunks_equals_whole_sequence(chunks):
+    model = tiny_model()
+    idx = torch.randint(0, 50, (1, sum(chunks)))
+    ref = reference_forward(model, idx)
+    outs, mem, start = [], None, 0
+    with torch.no_grad():
+        for n in chunks:
+            h, mem = model(idx[:, start : start + n], mem)
+            mem = mem.detach()
+            outs.append(h)
+            start += n
+    assert torch.allclose(torch.cat(outs, 1), ref, atol=1e-6, rtol=0)
+
+
+def test_first_segment_masks_missing_past():
+    model = tiny_model()
+    idx = torch.randint(0, 50, (1, 6))
+    with torch.no_grad():
+        h_fresh, _ = model(idx)
+        junk = Memory([torch.randn(1, 5, 2, 2, 4, dtype=torch.float64) for _ in range(2)], n_valid=0)
+        h_junk, _ = model(idx, junk)  # n_valid = 0: the junk must be invisible
+    assert torch.allclose(h_fresh, h_junk, atol=1e-12)
+
+
+def test_gradient_flows_across_segments_within_a_chunk():
+    model = tiny_model(segment_len=4).train()
+    idx = torch.randint(0, 50, (1, 12))
+    emb = model.embed.tables[0].weight
+    h, _ = model(idx)
+    h[:, -1].sum().backward()  # last segment only
+    first_rows = idx[0, 5:8][idx[0, 5:8] < 10]  # tokens of the previous segment, within the window
+    assert emb.grad is not None and emb.grad[first_rows].abs().sum() > 0
+
+
+def test_adaptive_softmax_is_a_distribution_and_targets_agree():
+    model = tiny_model()
+    h = torch.randn(7, 16, dtype=torch.float64)
+    lp = model.log_probs(h)
+    assert lp.shape == (7, 50)
+    assert torch.allclose(lp.exp().sum(-1), torch.ones(7, dtype=torch.float64), atol=1e-12)
+    target = torch.tensor([0, 9, 10, 29, 30, 49, 3])
+    assert torch.allclose(model.target_log_probs(h, target), lp.gather(1, target[:, None]).squeeze(1), atol=1e-12)
+
+
+def test_output_weights_are_tied_to_input_tables():
+    model = tiny_model()
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(n.startswith("softmax.") and "weight" in n and "proj" not in n and "cluster" not in n for n in names)
+    with torch.no_grad():
+        model.embed.tables[1].weight[3] += 1.0  # word 13
+    h = torch.randn(1, 16, dtype=torch.float64)
+    before = model.softmax.tail_log_probs(h, 1)
+    assert torch.allclose(model.softmax.table(1), model.embed.tables[1].weight)
+    assert before.shape == (1, 20)
+
+
+def test_original_parameter_counts_are_exact():
+    assert count_parameters(TransformerLM(ModelConfig(vocab_size=267735))) == 8_304_213
+    teacher = ModelConfig(vocab_size=267735, d_model=512, n_layer=16, n_head=8, d_head=64, d_ff=1536,
+                          bin_dims=[512, 256, 16])
+    assert count_parameters(TransformerLM(teacher)) == 53_859_529
+
+
+@pytest.mark.parametrize("bad", [dict(d_model=0), dict(n_seq=-1), dict(cutoffs=[30, 10]), dict(bin_dims=[16, 8]),
+                                 dict(dropout=1.0), dict(cutoffs=[10, 60])])
+def test_bad_sizes_are_refused(bad):
+    with pytest.raises(ValueError, match="model\\."):
+        TransformerLM(ModelConfig(**{**TINY, **bad}))
+
+
+def test_training_loss_matches_full_distribution():
+    model = tiny_model()
+    idx = torch.randint(0, 50, (2, 9))
+    h, _ = model(idx[:, :-1])
+    nll = -model.target_log_probs(h, idx[:, 1:]).mean()
+    full = F.nll_loss(model.log_probs(h).reshape(-1, 50), idx[:, 1:].reshape(-1))
+    assert torch.allclose(nll, full, atol=1e-12)
