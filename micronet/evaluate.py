@@ -1,0 +1,128 @@
+"""Evaluate stage: batch-1 online perplexity with memory carried over the whole split.
+
+    python -m micronet.evaluate name=<run> [step=S] [splits=[valid,test]]
+
+Writes ``results/<name>/eval_step<S>.json`` with loss (mean NLL, nats), ppl and tokens per split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from micronet.cli import setup_logging, stage_main
+from micronet.config import ConfigError, typed
+from micronet.data import DataConfig, load_corpus
+from micronet.model import Memory, ModelConfig, TransformerLM
+from micronet.progress import bar
+from micronet.results import CheckpointError, RunDir, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    """Settings of the evaluate stage."""
+
+    name: str = "???"
+    step: int | None = None  # None: newest checkpoint
+    splits: list[str] = field(default_factory=lambda: ["valid", "test"])
+    chunk_len: int = 4032  # tokens per forward pass; memory is carried between chunks
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.chunk_len < 1:
+            raise ValueError(f"chunk_len must be positive, got {self.chunk_len}")
+        bad = [s for s in self.splits if s not in ("train", "valid", "test")]
+        if bad:
+            raise ValueError(f"splits must be among train/valid/test, got {bad}")
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def evaluate_stream(model: TransformerLM, tokens: np.ndarray, chunk_len: int = 4032,
+                    device: torch.device | str = "cpu", desc: str = "eval") -> tuple[float, int]:
+    """Sum of NLL (nats) and number of predicted tokens over ``tokens``, batch 1, online.
+
+    Token t is predicted from tokens < t only; keys/values of the last ``n_seq`` positions are
+    carried (detached) from chunk to chunk, exactly as in token-by-token evaluation.
+    """
+    was_training = model.training
+    model.eval()
+    data = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    n_pred = len(data) - 1
+    total, mem, start = 0.0, None, 0
+    t0 = time.perf_counter()
+    with bar(n_pred, desc, "tok") as pbar:
+        while start < n_pred:
+            end = min(start + chunk_len, n_pred)
+            x = data[start:end].to(device)[None]  # (1, T)
+            y = data[start + 1 : end + 1].to(device)[None]  # (1, T)
+            h, mem = model(x, mem)
+            mem = mem.detach()
+            total -= model.target_log_probs(h, y).double().sum().item()
+            pbar.update(end - start, status=f"{(end) / (time.perf_counter() - t0):,.0f} tok/s")
+            start = end
+    model.train(was_training)
+    return total, n_pred
+
+
+def load_model(run: RunDir, step: int | None, device: torch.device | str = "cpu") -> tuple[TransformerLM, dict]:
+    """Rebuild the model of a checkpoint and load its weights."""
+    run.require()
+    ckpt = run.load(step, map_location="cpu")
+    try:
+        model = TransformerLM(ModelConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint step {ckpt.get('step')} of {run.name} does not fit the model: {e}") from None
+    return model.to(device), ckpt
+
+
+def run(cfg: DictConfig) -> dict:
+    """Evaluate a run's checkpoint on the requested splits; returns the JSON written."""
+    ecfg = typed(EvalConfig, cfg, "evaluate")
+    if ecfg.name == "???":
+        raise ConfigError("name=<results name> is required")
+    rd = RunDir(ecfg.name).require()
+    setup_logging(rd.log_path("evaluate"))
+    device = pick_device(ecfg.device)
+    model, ckpt = load_model(rd, ecfg.step, device)
+    step = int(ckpt["step"])
+    data_cfg = typed(DataConfig, ckpt["data_config"], "data")
+    corpus = load_corpus(data_cfg)
+    if corpus.vocab_size != model.cfg.vocab_size:
+        raise CheckpointError(f"data vocab {corpus.vocab_size} != model vocab {model.cfg.vocab_size}")
+    out: dict = {"name": rd.name, "step": step}
+    path = rd.eval_path(step)
+    if path.exists():  # keep results of splits not evaluated this time
+        out = {**json.loads(path.read_text()), **out}
+    for split in ecfg.splits:
+        t0 = time.perf_counter()
+        nll, n = evaluate_stream(model, corpus.split(split), ecfg.chunk_len, device, desc=split)
+        secs = time.perf_counter() - t0
+        out[split] = {"loss": nll / n, "ppl": math.exp(nll / n), "tokens": n, "tokens_per_s": n / secs}
+        log.info("%s step %d %s: ppl %.3f over %d tokens (%.0f tok/s)", rd.name, step, split,
+                 out[split]["ppl"], n, n / secs)
+    write_json(path, out)
+    print(f"{rd.name} step {step}: " + ", ".join(f"{s} ppl {out[s]['ppl']:.2f}" for s in ecfg.splits))
+    return out
+
+
+main = stage_main("evaluate", run)
+
+if __name__ == "__main__":
+    main()

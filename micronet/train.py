@@ -1,0 +1,305 @@
+"""Train stage: the core language model.
+
+    python -m micronet.train [experiment=<name>] [overrides]
+
+Adam with linear warmup then cosine decay to 0, grad-norm clipping, random-start chunks,
+periodic validation, checkpoints in ``results/<name>/models/``. Re-running the same command
+resumes from the newest checkpoint and continues bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from micronet.cli import setup_logging, stage_main
+from micronet.config import ConfigError, MicronetError, as_dict, typed
+from micronet.data import Corpus, DataConfig, load_corpus
+from micronet.evaluate import evaluate_stream, pick_device
+from micronet.model import ModelConfig, TransformerLM, count_parameters
+from micronet.progress import bar
+from micronet.results import CheckpointError, RunDir, atomic_write_text, code_version
+
+log = logging.getLogger(__name__)
+
+CSV_FIELDS = ["step", "tokens", "train_loss", "val_loss", "val_ppl", "lr", "tokens_per_s", "elapsed_s"]
+
+
+@dataclass
+class OptimConfig:
+    """Adam, linear warmup then cosine to ``min_lr`` at the last step, grad-norm clipping."""
+
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 1000
+    min_lr: float = 0.0
+    clip: float = 0.5  # 0: no clipping
+
+    def validate(self) -> None:
+        if self.lr <= 0 or self.warmup_steps < 0 or self.clip < 0:
+            raise ValueError("optim: lr must be > 0, warmup_steps and clip >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 200_000
+    batch_size: int = 14
+    chunk_len: int = 1152  # tokens per sequence per step (segments of model.segment_len)
+    eval_every: int = 1000
+    save_every: int = 1000
+    val_tokens: int = 0  # periodic validation on the first N valid tokens; 0 = whole split
+    eval_chunk_len: int = 4032
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "none"  # none | bf16 | fp16 (fp16 on CUDA only)
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    stop_after: int = 0  # stop (with a checkpoint) after this many steps in this invocation; 0 = run to the end
+
+    def validate(self) -> None:
+        for k in ("steps", "batch_size", "chunk_len", "eval_every", "save_every", "eval_chunk_len"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"train.{k} must be a positive integer, got {getattr(self, k)}")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"train.amp must be none, bf16 or fp16, got {self.amp!r}")
+
+
+def lr_at(step: int, optim: OptimConfig, total: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): warmup then cosine to min_lr."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    progress = (step - optim.warmup_steps) / max(1, total - optim.warmup_steps)
+    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def sample_batch(data: np.ndarray, batch_size: int, chunk_len: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` chunks at random starts: inputs and next-token targets, each (B, chunk_len)."""
+    if len(data) <= chunk_len + 1:
+        raise ConfigError(f"train split has {len(data)} tokens, fewer than chunk_len + 1 = {chunk_len + 1}")
+    starts = rng.integers(0, len(data) - chunk_len - 1, size=batch_size)
+    rows = np.stack([data[s : s + chunk_len + 1] for s in starts]).astype(np.int64)  # (B, chunk_len + 1)
+    t = torch.from_numpy(rows)
+    return t[:, :-1], t[:, 1:]
+
+
+def build_model_config(node: Any, corpus: Corpus) -> ModelConfig:
+    """Model config from Hydra, with ``vocab_size: 0`` filled in from the data."""
+    raw = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    if not raw.get("vocab_size"):
+        raw["vocab_size"] = corpus.vocab_size
+    elif raw["vocab_size"] != corpus.vocab_size:
+        raise ConfigError(f"model.vocab_size={raw['vocab_size']} but the data has {corpus.vocab_size} words")
+    return typed(ModelConfig, raw, "model")
+
+
+class _Stop:
+    """Turns SIGINT/SIGTERM into a flag the loop checks, so the stage can save and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+
+    def __enter__(self) -> "_Stop":
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _amp_context(device: torch.device, amp: str):
+    if amp == "none":
+        return torch.autocast(device.type, enabled=False)
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("train.amp=fp16 needs CUDA; use bf16 on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+class Trainer:
+    """Holds the model, optimizer and RNG state of one run; ``train()`` runs the loop."""
+
+    def __init__(self, run: RunDir, cfg: TrainConfig, optim: OptimConfig, model_cfg: ModelConfig,
+                 data_cfg: DataConfig, corpus: Corpus, full_config: dict):
+        self.run, self.cfg, self.optim_cfg, self.corpus = run, cfg, optim, corpus
+        self.model_cfg, self.data_cfg, self.full_config = model_cfg, data_cfg, full_config
+        self.device = pick_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.model = TransformerLM(model_cfg).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
+                                          eps=optim.eps, weight_decay=optim.weight_decay)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.step = 0
+        self.tokens = 0
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state(self) -> dict:
+        """Everything needed to continue bit-for-bit."""
+        rng = {"torch": torch.get_rng_state(), "numpy": self.rng.bit_generator.state}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "tokens": self.tokens, "rng": rng,
+            "model_config": as_dict(self.model_cfg), "data_config": as_dict(self.data_cfg),
+            "data_manifest": {k: self.corpus.manifest.get(k) for k in ("vocab_size", "tokens", "sha256")},
+            "code": code_version(),
+        }
+
+    def save(self) -> None:
+        path = self.run.save(self.step, self.state())
+        log.info("saved %s", path)
+
+    def resume(self) -> bool:
+        """Load the newest good checkpoint if there is one; refuse one of another model."""
+        if not self.run.steps():
+            return False
+        ckpt = self.run.load(map_location=self.device)
+        if ckpt.get("model_config") != as_dict(self.model_cfg):
+            raise CheckpointError(
+                f"results/{self.run.name} holds a checkpoint of a different model config; "
+                f"use another name or the same model settings (checkpoint: {ckpt.get('model_config')})")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.step, self.tokens = int(ckpt["step"]), int(ckpt["tokens"])
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        self.rng.bit_generator.state = ckpt["rng"]["numpy"]
+        if "cuda" in ckpt["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
+        log.info("resumed results/%s from step %d", self.run.name, self.step)
+        return True
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train_step(self) -> float:
+        cfg = self.cfg
+        lr = lr_at(self.step, self.optim_cfg, cfg.steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        x, y = sample_batch(self.corpus.train, cfg.batch_size, cfg.chunk_len, self.rng)
+        x, y = x.to(self.device), y.to(self.device)
+        with _amp_context(self.device, cfg.amp):
+            h, _ = self.model(x)  # (B, T, d_model); training chunks start with no memory
+            loss = -self.model.target_log_probs(h, y).mean()
+        if not torch.isfinite(loss):
+            raise MicronetError(f"non-finite training loss at step {self.step + 1}; "
+                                f"the last good checkpoint is kept (lower optim.lr or check the data)")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.optim_cfg.clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        self.tokens += x.numel()
+        return loss.item()
+
+    def validate(self) -> float:
+        tokens = self.corpus.valid
+        if self.cfg.val_tokens:
+            tokens = tokens[: self.cfg.val_tokens + 1]
+        nll, n = evaluate_stream(self.model, tokens, self.cfg.eval_chunk_len, self.device, desc="valid")
+        return nll / n
+
+    def train(self) -> dict:
+        """Run until ``steps`` (or ``stop_after`` steps / a signal); returns the last validation."""
+        cfg = self.cfg
+        end = cfg.steps if not cfg.stop_after else min(cfg.steps, self.step + cfg.stop_after)
+        losses: list[float] = []
+        last: dict = {}
+        t0, tok0 = time.perf_counter(), self.tokens
+        with _Stop() as stop, bar(cfg.steps, f"train {self.run.name}", "steps", count=self.step) as pbar:
+            while self.step < end and not stop.signum:
+                losses.append(self.train_step())
+                tok_s = (self.tokens - tok0) / (time.perf_counter() - t0)
+                pbar.update(status=f"loss {losses[-1]:.3f} | {tok_s:,.0f} tok/s | lr {lr_at(self.step - 1, self.optim_cfg, cfg.steps):.2e}")
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    last = self._log_validation(losses, tok_s, time.perf_counter() - t0)
+                    losses = []
+                if self.step % cfg.save_every == 0 or self.step == end:
+                    self.save()
+            if stop.signum:
+                self.save()
+                raise KeyboardInterrupt if stop.signum == signal.SIGINT else SystemExit(143)
+        return last
+
+    def _log_validation(self, losses: list[float], tok_s: float, elapsed: float) -> dict:
+        val = self.validate()
+        row = {"step": self.step, "tokens": self.tokens, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+               "val_loss": val, "val_ppl": math.exp(val), "lr": lr_at(self.step - 1, self.optim_cfg, self.cfg.steps),
+               "tokens_per_s": tok_s, "elapsed_s": elapsed}
+        append_csv_row(self.run, row)
+        log.info("step %d: train loss %.4f, val loss %.4f, val ppl %.2f, %.0f tok/s",
+                 self.step, row["train_loss"], val, row["val_ppl"], tok_s)
+        return row
+
+
+def append_csv_row(run: RunDir, row: dict) -> None:
+    """Append one validation row to ``train_results.csv`` (rows past the resumed step were dropped)."""
+    new = not run.train_csv.exists()
+    with open(run.train_csv, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow({k: row[k] for k in CSV_FIELDS})
+
+
+def truncate_csv(run: RunDir, step: int) -> None:
+    """Drop rows logged after ``step`` (they belong to a future the resumed run will redo)."""
+    if not run.train_csv.exists():
+        return
+    with open(run.train_csv, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    lines = [",".join(CSV_FIELDS)] + [",".join(r[k] for k in CSV_FIELDS) for r in rows]
+    atomic_write_text(run.train_csv, "\n".join(lines) + "\n")
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train (or resume) ``results/<cfg.name>``; returns the final validation row."""
+    train_cfg = typed(TrainConfig, cfg.train, "train")
+    optim_cfg = typed(OptimConfig, cfg.optim, "optim")
+    data_cfg = typed(DataConfig, cfg.data, "data")
+    rd = RunDir(cfg.name)
+    with rd.guard("train"):
+        setup_logging(rd.log_path("train"))
+        if train_cfg.threads:
+            torch.set_num_threads(train_cfg.threads)
+        corpus = load_corpus(data_cfg)
+        model_cfg = build_model_config(cfg.model, corpus)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        trainer = Trainer(rd, train_cfg, optim_cfg, model_cfg, data_cfg, corpus, resolved)
+        resumed = trainer.resume()
+        truncate_csv(rd, trainer.step)
+        resolved["code"] = code_version()
+        atomic_write_text(rd.config_path, OmegaConf.to_yaml(resolved))
+        if not resumed:
+            log.info("training results/%s: %s parameters, %s train tokens, vocab %d", rd.name,
+                     f"{count_parameters(trainer.model):,}", f"{len(corpus.train):,}", corpus.vocab_size)
+        last = trainer.train()
+    if last:
+        print(f"validation perplexity {last['val_ppl']:.2f} at step {last['step']}; results in {rd.path}")
+    else:
+        print(f"stopped at step {trainer.step}; results in {rd.path}")
+    return last
+
+
+main = stage_main("train", run)
+
+if __name__ == "__main__":
+    main()
