@@ -1,0 +1,138 @@
+"""Training and evaluation throughput, the machine's fp32 matmul rate, and model-FLOPs utilisation.
+
+    python bench/throughput.py [--out bench/out/throughput.json] [--cases 8.3M,wt2_default]
+
+Everything is measured in one process, side by side, so ratios are comparable on a noisy machine.
+Synthetic tokens follow the test-set bin fractions of WikiText-103 (198232/35479/11858 of 245,569).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from micronet.data import Corpus
+from micronet.evaluate import evaluate_stream
+from micronet.model import ModelConfig, TransformerLM, count_parameters
+from micronet.results import RunDir
+from micronet.train import OptimConfig, TrainConfig, Trainer
+
+WT103_TEST_BINS = (198232 / 245569, 35479 / 245569, 11858 / 245569)
+
+CASES = {
+    # name: (model config, train batch, chunk, eval tokens)
+    "8.3M": (ModelConfig(vocab_size=267735), 14, 1152, 16128),
+    "wt2_default": (ModelConfig(vocab_size=33278, d_model=128, n_layer=4, n_head=4, d_head=32, d_ff=512, n_seq=64,
+                                segment_len=64, cutoffs=[2000, 10000], bin_dims=[128, 32, 8], dropout=0.1), 8, 256, 16128),
+    "wt2_8.3M": (ModelConfig(vocab_size=33278, cutoffs=[3500, 15000], bin_dims=[256, 64, 16], dropout=0.1), 14, 1152, 16128),
+}
+
+
+def matmul_gflops(n: int = 2048, seconds: float = 3.0) -> float:
+    """Sustained fp32 GEMM rate of this machine with torch's current thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def synthetic_tokens(cfg: ModelConfig, n: int, seed: int = 0) -> np.ndarray:
+    """Tokens whose adaptive-softmax bin fractions match WikiText-103's test set."""
+    rng = np.random.default_rng(seed)
+    edges = [0, *cfg.cutoffs, cfg.vocab_size]
+    fr = np.array(WT103_TEST_BINS[: len(edges) - 1])
+    bins = rng.choice(len(fr), size=n, p=fr / fr.sum())
+    lo, hi = np.array(edges[:-1])[bins], np.array(edges[1:])[bins]
+    return (lo + (rng.random(n) * (hi - lo)).astype(np.int64)).astype(np.int32)
+
+
+def forward_flops_per_token(cfg: ModelConfig, bin_fractions: tuple[float, ...], all_tails: bool) -> float:
+    """Matmul FLOPs per token of one forward pass (2 per multiply-add).
+
+    Attention counts the band only (C keys per query), the work the model must do. Tails count
+    for the fraction of rows whose target is in them (training/evaluation) or for every row.
+    """
+    hd = cfg.n_head * cfg.d_head
+    C = cfg.attn_span
+    per_layer = cfg.d_model * 3 * hd + hd * cfg.d_model + 2 * cfg.d_model * cfg.d_ff  # qkv, out, ffn
+    per_layer += 2 * cfg.n_head * cfg.d_head * C + cfg.n_head * cfg.d_head * C  # q.k, attn.V, q.E
+    flops = 2 * per_layer * cfg.n_layer
+    edges = [0, *cfg.cutoffs, cfg.vocab_size]
+    flops += 2 * cfg.d_model * (edges[1] + len(edges) - 2)  # head words + clusters
+    for i in range(1, len(edges) - 1):
+        frac = 1.0 if all_tails else bin_fractions[i]
+        d_i, n_i = cfg.bin_dims[i], edges[i + 1] - edges[i]
+        flops += 2 * frac * (cfg.d_model * d_i + d_i * n_i)  # output projection + tail logits
+        flops += 2 * bin_fractions[i] * d_i * cfg.d_model  # input projection
+    return flops
+
+
+def bench_case(name: str, steps: int, tmp: Path) -> dict:
+    cfg, batch, chunk, eval_tokens = CASES[name]
+    tokens = synthetic_tokens(cfg, 400_000)
+    corpus = Corpus(vocab=[str(i) for i in range(cfg.vocab_size)], train=tokens, valid=tokens[:eval_tokens + 1],
+                    test=tokens[:eval_tokens + 1], manifest={"vocab_size": cfg.vocab_size})
+    tcfg = TrainConfig(steps=10_000, batch_size=batch, chunk_len=chunk, device="cpu")
+    trainer = Trainer(RunDir(f"bench_{name}", tmp), tcfg, OptimConfig(warmup_steps=10), cfg, None, corpus, {})
+    for _ in range(2):  # warm-up: allocator, kernels
+        trainer.train_step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    train_s = time.perf_counter() - t0
+    train_tok_s = steps * batch * chunk / train_s
+    evaluate_stream(trainer.model, tokens[:4033], 4032, "cpu")  # warm-up
+    t0 = time.perf_counter()
+    evaluate_stream(trainer.model, corpus.valid, 4032, "cpu")
+    eval_tok_s = eval_tokens / (time.perf_counter() - t0)
+    fr = WT103_TEST_BINS
+    return {
+        "case": name, "params": count_parameters(trainer.model), "batch": batch, "chunk_len": chunk,
+        "train_tokens_per_s": train_tok_s, "eval_tokens_per_s": eval_tok_s,
+        "train_gflop_per_token": 3 * forward_flops_per_token(cfg, fr, all_tails=False) / 1e9,
+        "eval_gflop_per_token": forward_flops_per_token(cfg, fr, all_tails=False) / 1e9,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "throughput.json")
+    ap.add_argument("--cases", default="8.3M,wt2_default")
+    ap.add_argument("--steps", type=int, default=8)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    import tempfile
+
+    peak = matmul_gflops()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.cases.split(","):
+            row = bench_case(name, args.steps, Path(tmp))
+            row["train_mfu"] = row["train_tokens_per_s"] * row["train_gflop_per_token"] / peak
+            row["eval_mfu"] = row["eval_tokens_per_s"] * row["eval_gflop_per_token"] / peak
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    peak_after = matmul_gflops()
+    result = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
+                          "matmul_gflops_before": peak, "matmul_gflops_after": peak_after,
+                          "torch": torch.__version__},
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cases": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["machine"]), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
