@@ -113,6 +113,9 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.n_head * cfg.d_head)
         self.out = nn.Linear(cfg.n_head * cfg.d_head, cfg.d_model, bias=False)
         self.pos = nn.Parameter(torch.zeros(cfg.d_head, cfg.attn_span))  # E[:, distance]
+        # Optional module applied to the attention probabilities (micronet.quantize puts a fake
+        # quantizer here); None keeps the fused scaled_dot_product_attention.
+        self.act_probs: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, mem: torch.Tensor | None, n_valid: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, T, d_model), mem: (B, n_seq, 2, H, dh) or None -> (out (B, T, d_model), new mem)."""
@@ -141,9 +144,14 @@ class WindowAttention(nn.Module):
         pos = torch.matmul(q, self.pos.to(q.dtype)).flip(-1)  # (B*S, H, L, C)
         bias = skew(pos).view(B, S, H, L, M + L) / math.sqrt(dh)  # (B, S, H, L, M+L)
         bias = bias + window_mask(S, L, M, n_valid, x.device).to(bias.dtype)  # mask (S, 1, L, M+L)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias.view(B * S, H, L, M + L), dropout_p=self.dropout if self.training else 0.0
-        )  # (B*S, H, L, dh)
+        bias = bias.view(B * S, H, L, M + L)
+        if self.act_probs is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
+            )  # (B*S, H, L, dh)
+        else:  # explicit softmax: the probabilities themselves are transformed (e.g. quantized)
+            p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(dh) + bias, dim=-1)  # (B*S, H, L, M+L)
+            y = torch.matmul(F.dropout(self.act_probs(p), self.dropout, self.training), v)  # (B*S, H, L, dh)
         y = y.view(B, S, H, L, dh).transpose(2, 3).reshape(B, S * L, H * dh)[:, :T]  # (B, T, H*dh)
         return self.out(y), new_mem
 

@@ -70,6 +70,16 @@ REFERENCE_POINTS: dict[str, list[dict]] = {
 # ----------------------------------------------------------------------------- collecting runs
 
 
+def _eval_file(run: Path, step: int | None) -> str:
+    """The eval file that goes with the run's score: same cache size, else the no-cache one."""
+    try:
+        n = int(json.loads((run / f"score_step{step}.json").read_text())["settings"]["n_cache"])
+    except (OSError, ValueError, KeyError, TypeError):
+        n = 0
+    cached = f"eval_step{step}_n{n}.json"
+    return cached if n and (run / cached).exists() else f"eval_step{step}.json"
+
+
 def _read(path: Path, notes: list[str], loader) -> Any:
     """Parsed file, or None when missing (silently) or unreadable (with a note)."""
     if not path.is_file():
@@ -165,15 +175,16 @@ def _collect_one(run: Path) -> dict:
         notes.append("no config.yaml")
     if step is None:
         notes.append("no checkpoint, train_results.csv, eval or score file yet")
-    ev = _read(run / f"eval_step{step}.json", notes, json.loads) if step is not None else None
+    eval_name = _eval_file(run, step)
+    ev = _read(run / eval_name, notes, json.loads) if step is not None else None
     if isinstance(ev, dict):
         for split, key in (("valid", "val_ppl"), ("test", "test_ppl")):
             if isinstance(ev.get(split), dict) and ev[split].get("ppl") is not None:
                 row[key] = ev[split]["ppl"]
                 row["eval_n_cache"] = (ev[split].get("cache") or {}).get("n_cache", ev.get("n_cache", 0))
-        row["ppl_source"] = f"eval_step{step}.json" if row["val_ppl"] is not None else None
-    elif step is not None and not (run / f"eval_step{step}.json").exists():
-        notes.append(f"no eval_step{step}.json")
+        row["ppl_source"] = eval_name if row["val_ppl"] is not None else None
+    elif step is not None and not (run / eval_name).exists():
+        notes.append(f"no {eval_name}")
     if row["val_ppl"] is None and curve and "val_ppl" in curve[-1]:
         row["val_ppl"], row["ppl_source"] = curve[-1]["val_ppl"], "train_results.csv"
     sc = _read(run / f"score_step{step}.json", notes, json.loads) if step is not None else None

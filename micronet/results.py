@@ -6,7 +6,9 @@
 * ``models/model-<S>.pt``   checkpoints: magic + sha256 + torch.save payload (see :func:`save_checkpoint`)
 * ``train_results.csv``     one row per validation
 * ``<stage>.log``           log of every invocation
-* ``eval_step<S>.json``, ``score_step<S>.json``, ``cache_step<S>_n<N>.yaml``
+* ``eval_step<S>.json`` (``eval_step<S>_n<N>.json`` with an eval cache of N), ``score_step<S>.json``, ``cache_step<S>_n<N>.yaml``
+* ``quantize_step<S>.json``, ``model.mnq``  quantized runs: summary and packed export (micronet.export)
+* ``sensitivity_<target>.yaml/.png``, ``sensitivity_step<S>_curves.json``  pruning sensitivity analysis
 * ``.guard``                held (flock) by the one process working on the directory
 
 Every file is written atomically (temp file, fsync, rename), so a crash leaves either the
@@ -141,14 +143,29 @@ class RunDir:
     def train_csv(self) -> Path:
         return self.path / "train_results.csv"
 
-    def eval_path(self, step: int) -> Path:
-        return self.path / f"eval_step{int(step)}.json"
+    def eval_path(self, step: int, n_cache: int = 0) -> Path:
+        """Perplexities of ``step``: one file per evaluation cache size (0 = no cache)."""
+        suffix = f"_n{int(n_cache)}" if n_cache else ""
+        return self.path / f"eval_step{int(step)}{suffix}.json"
 
     def score_path(self, step: int) -> Path:
         return self.path / f"score_step{int(step)}.json"
 
     def cache_params_path(self, step: int, n_cache: int) -> Path:
         return self.path / f"cache_step{int(step)}_n{int(n_cache)}.yaml"
+
+    def quantize_path(self, step: int) -> Path:
+        return self.path / f"quantize_step{int(step)}.json"
+
+    @property
+    def mnq_path(self) -> Path:
+        return self.path / "model.mnq"
+
+    def sensitivity_path(self, target: float, ext: str = "yaml") -> Path:
+        return self.path / f"sensitivity_{float(target):g}.{ext}"
+
+    def sensitivity_curves_path(self, step: int) -> Path:
+        return self.path / f"sensitivity_step{int(step)}_curves.json"
 
     # -- checkpoints ------------------------------------------------------------------------
     def exists(self) -> bool:

@@ -419,17 +419,19 @@ def run(cfg) -> dict:
     for conv in (scfg.convention, *(c for c in sorted(CONVENTIONS) if c != scfg.convention)):
         try:
             s = score_model(model, bits=bits, act_bits=act_bits, n_act_quantizers=quant.get("n_act_quantizers"),
-                            n_cache=n_cache, bin_fractions=fractions, convention=conv, free_16bit=scfg.free_16bit)
+                            n_cache=n_cache, bin_fractions=fractions, convention=conv, free_16bit=scfg.free_16bit,
+                            table_scales=quant.get("table_scales", "row"))
         except ValueError as e:
             raise ConfigError(str(e)) from None
         results[conv] = s
     main_score = results[scfg.convention]
     print(render_table(main_score, group_layers=True))
     test_ppl = None
-    eval_path = rd.eval_path(step)
+    eval_path = rd.eval_path(step, n_cache)  # one file per evaluation cache size
     if eval_path.exists():
         ev = json.loads(eval_path.read_text())
-        if "test" in ev and int(ev.get("n_cache", 0)) == n_cache:
+        # the cache an evaluation used is recorded per split (older files: at the top level)
+        if "test" in ev and int((ev["test"].get("cache") or ev).get("n_cache", 0)) == n_cache:
             test_ppl = ev["test"]["ppl"]
     out = {"name": rd.name, "step": step, "test_ppl": test_ppl, **main_score.to_json(),
            "conventions": {c: {k: v for k, v in s.to_json().items() if k != "components"} for c, s in results.items()}}

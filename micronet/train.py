@@ -15,16 +15,19 @@ import math
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from micronet.cache import CacheConfig, EvalCache, attach_cache
 from micronet.cli import setup_logging, stage_main
 from micronet.config import ConfigError, MicronetError, as_dict, typed
 from micronet.data import Corpus, DataConfig, load_corpus
+from micronet.distill import Distiller, build_distiller
 from micronet.evaluate import evaluate_stream, pick_device
+from micronet.hebbian import HebbianConfig, HebbianSoftmax
 from micronet.model import ModelConfig, TransformerLM, count_parameters
 from micronet.progress import bar
 from micronet.results import CheckpointError, RunDir, atomic_write_text, code_version
@@ -84,14 +87,16 @@ def lr_at(step: int, optim: OptimConfig, total: int) -> float:
     return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def sample_batch(data: np.ndarray, batch_size: int, chunk_len: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``batch_size`` chunks at random starts: inputs and next-token targets, each (B, chunk_len)."""
+def sample_batch(data: np.ndarray, batch_size: int, chunk_len: int,
+                 rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """``batch_size`` chunks at random starts: inputs and next-token targets, each (B, chunk_len),
+    and the start offsets (B,) (target ``y[b, t]`` is token ``starts[b] + 1 + t`` of the split)."""
     if len(data) <= chunk_len + 1:
         raise ConfigError(f"train split has {len(data)} tokens, fewer than chunk_len + 1 = {chunk_len + 1}")
     starts = rng.integers(0, len(data) - chunk_len - 1, size=batch_size)
     rows = np.stack([data[s : s + chunk_len + 1] for s in starts]).astype(np.int64)  # (B, chunk_len + 1)
     t = torch.from_numpy(rows)
-    return t[:, :-1], t[:, 1:]
+    return t[:, :-1], t[:, 1:], starts
 
 
 def build_model_config(node: Any, corpus: Corpus) -> ModelConfig:
@@ -133,15 +138,27 @@ def _amp_context(device: torch.device, amp: str):
 class Trainer:
     """Holds the model, optimizer and RNG state of one run; ``train()`` runs the loop."""
 
+    distill: Distiller | None = None  # set by run() when distill.teacher is given
+    # Called as hook(trainer) after every optimizer step (micronet.prune: masks); set per instance.
+    after_step: tuple[Callable[["Trainer"], None], ...] = ()
+    extra_state: dict | None = None  # extra top-level checkpoint entries (e.g. quant, lineage)
+
     def __init__(self, run: RunDir, cfg: TrainConfig, optim: OptimConfig, model_cfg: ModelConfig,
-                 data_cfg: DataConfig, corpus: Corpus, full_config: dict):
+                 data_cfg: DataConfig, corpus: Corpus, full_config: dict,
+                 cache_cfg: CacheConfig | None = None, hebbian_cfg: HebbianConfig | None = None):
         self.run, self.cfg, self.optim_cfg, self.corpus = run, cfg, optim, corpus
         self.model_cfg, self.data_cfg, self.full_config = model_cfg, data_cfg, full_config
         self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.model = TransformerLM(model_cfg).to(self.device)
+        # The training cache's lambda/theta are model parameters: attach before the optimizer sees them.
+        self.cache_cfg = cache_cfg or CacheConfig()
+        self.cache = attach_cache(self.model, self.cache_cfg)
+        hebbian_cfg = hebbian_cfg or HebbianConfig()
+        self.hebbian = HebbianSoftmax(self.model.softmax, hebbian_cfg) if hebbian_cfg.enabled else None
+        # fused: one kernel per step instead of ~10 per parameter tensor (CPU and CUDA).
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
-                                          eps=optim.eps, weight_decay=optim.weight_decay)
+                                          eps=optim.eps, weight_decay=optim.weight_decay, fused=True)
         self.rng = np.random.default_rng(cfg.seed)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.step = 0
@@ -157,8 +174,10 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "tokens": self.tokens, "rng": rng,
             "model_config": as_dict(self.model_cfg), "data_config": as_dict(self.data_cfg),
+            "cache_config": as_dict(self.cache_cfg),
+            "hebbian": self.hebbian.state_dict() if self.hebbian is not None else None,
             "data_manifest": {k: self.corpus.manifest.get(k) for k in ("vocab_size", "tokens", "sha256")},
-            "code": code_version(),
+            "code": code_version(), **(self.extra_state or {}),
         }
 
     def save(self) -> None:
@@ -174,7 +193,15 @@ class Trainer:
             raise CheckpointError(
                 f"results/{self.run.name} holds a checkpoint of a different model config; "
                 f"use another name or the same model settings (checkpoint: {ckpt.get('model_config')})")
+        if (ckpt.get("cache_config") or as_dict(CacheConfig())) != as_dict(self.cache_cfg):
+            raise CheckpointError(f"results/{self.run.name} was trained with cache settings "
+                                  f"{ckpt.get('cache_config')}; resume with the same cache settings")
         self.model.load_state_dict(ckpt["model"])
+        if self.hebbian is not None:
+            if ckpt.get("hebbian") is None:
+                log.warning("the checkpoint has no Hebbian counts: starting them at 0")
+            else:
+                self.hebbian.load_state_dict(ckpt["hebbian"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.tokens = int(ckpt["step"]), int(ckpt["tokens"])
@@ -191,11 +218,16 @@ class Trainer:
         lr = lr_at(self.step, self.optim_cfg, cfg.steps)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        x, y = sample_batch(self.corpus.train, cfg.batch_size, cfg.chunk_len, self.rng)
+        x, y, starts = sample_batch(self.corpus.train, cfg.batch_size, cfg.chunk_len, self.rng)
         x, y = x.to(self.device), y.to(self.device)
         with _amp_context(self.device, cfg.amp):
             h, _ = self.model(x)  # (B, T, d_model); training chunks start with no memory
-            loss = -self.model.target_log_probs(h, y).mean()
+            lp = self.model.target_log_probs(h, y)  # (B, T) log p(target)
+            if self.cache is not None:
+                lp = self.cache(h, y, lp)  # mixed with each sequence's own cache
+            loss = -lp.mean()
+            if self.distill is not None:  # h * NLL(lp) + (1 - h) * soft CE vs the teacher's top-k
+                loss = self.distill.loss(self.model, h, lp, starts, self.step, cfg.steps)
         if not torch.isfinite(loss):
             raise MicronetError(f"non-finite training loss at step {self.step + 1}; "
                                 f"the last good checkpoint is kept (lower optim.lr or check the data)")
@@ -206,15 +238,22 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.hebbian is not None:  # acts on the rows the optimizer just updated
+            self.hebbian.update(h.detach(), y)
         self.step += 1
         self.tokens += x.numel()
+        for hook in self.after_step:
+            hook(self)
         return loss.item()
 
     def validate(self) -> float:
         tokens = self.corpus.valid
         if self.cfg.val_tokens:
             tokens = tokens[: self.cfg.val_tokens + 1]
-        nll, n = evaluate_stream(self.model, tokens, self.cfg.eval_chunk_len, self.device, desc="valid")
+        # With a training cache, validate as trained: its window size and current lambda/theta.
+        cache = EvalCache(self.cache.n_cache, *self.cache.values()) if self.cache is not None else None
+        nll, n = evaluate_stream(self.model, tokens, self.cfg.eval_chunk_len, self.device, desc="valid",
+                                 cache=cache)
         return nll / n
 
     def train(self) -> dict:
@@ -275,6 +314,8 @@ def run(cfg: DictConfig) -> dict:
     train_cfg = typed(TrainConfig, cfg.train, "train")
     optim_cfg = typed(OptimConfig, cfg.optim, "optim")
     data_cfg = typed(DataConfig, cfg.data, "data")
+    cache_cfg = typed(CacheConfig, cfg.get("cache"), "cache")
+    hebbian_cfg = typed(HebbianConfig, cfg.get("hebbian"), "hebbian")
     rd = RunDir(cfg.name)
     with rd.guard("train"):
         setup_logging(rd.log_path("train"))
@@ -283,7 +324,9 @@ def run(cfg: DictConfig) -> dict:
         corpus = load_corpus(data_cfg)
         model_cfg = build_model_config(cfg.model, corpus)
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        trainer = Trainer(rd, train_cfg, optim_cfg, model_cfg, data_cfg, corpus, resolved)
+        trainer = Trainer(rd, train_cfg, optim_cfg, model_cfg, data_cfg, corpus, resolved,
+                          cache_cfg=cache_cfg, hebbian_cfg=hebbian_cfg)
+        trainer.distill = build_distiller(cfg.get("distill"), corpus)
         resumed = trainer.resume()
         truncate_csv(rd, trainer.step)
         resolved["code"] = code_version()
