@@ -112,3 +112,11 @@ def test_cli_errors_are_one_clear_line(results_root):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         f"micronet.evaluate: error: no results directory {results_root / 'does_not_exist'} (is name=does_not_exist right?)"]
+
+
+def test_cpu_bf16_autocast_trains_and_fp16_needs_cuda(results_root):
+    last = train.run(tiny_cfg("amp", "train.amp=bf16"))
+    assert last["val_ppl"] == last["val_ppl"] and last["val_ppl"] < 1e6  # finite
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+            train.run(tiny_cfg("amp16", "train.amp=fp16"))
