@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from micronet.cache import DEFAULT_LAMBDA, DEFAULT_THETA, EvalCache
 from micronet.data import Corpus
 from micronet.evaluate import evaluate_stream
-from micronet.model import ModelConfig, TransformerLM, count_parameters
+from micronet.model import ModelConfig, count_parameters
 from micronet.results import RunDir
 from micronet.train import OptimConfig, TrainConfig, Trainer
 
@@ -97,10 +98,15 @@ def bench_case(name: str, steps: int, tmp: Path) -> dict:
     t0 = time.perf_counter()
     evaluate_stream(trainer.model, corpus.valid, 4032, "cpu")
     eval_tok_s = eval_tokens / (time.perf_counter() - t0)
+    cache = EvalCache(3000, DEFAULT_LAMBDA, DEFAULT_THETA)  # the best model's evaluation cache size
+    t0 = time.perf_counter()
+    evaluate_stream(trainer.model, corpus.valid, 4032, "cpu", cache=cache)
+    eval_cache_tok_s = eval_tokens / (time.perf_counter() - t0)
     fr = WT103_TEST_BINS
     return {
         "case": name, "params": count_parameters(trainer.model), "batch": batch, "chunk_len": chunk,
         "train_tokens_per_s": train_tok_s, "eval_tokens_per_s": eval_tok_s,
+        "eval_cache3000_tokens_per_s": eval_cache_tok_s, "eval_cache3000_time_ratio": eval_tok_s / eval_cache_tok_s,
         "train_gflop_per_token": 3 * forward_flops_per_token(cfg, fr, all_tails=False) / 1e9,
         "eval_gflop_per_token": forward_flops_per_token(cfg, fr, all_tails=False) / 1e9,
     }

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from micronet.cache import DEFAULT_LAMBDA, DEFAULT_THETA, band_dots, mix_log_probs, model_cache, write_cache_params
 from micronet.cli import setup_logging, stage_main
-from micronet.config import ConfigError, typed
+from micronet.config import typed
 from micronet.data import DataConfig, load_corpus
 from micronet.evaluate import load_model, pick_device
 from micronet.model import TransformerLM
@@ -208,8 +208,6 @@ def coordinate_search(objective: Callable[[float, float], float], lam: float, th
 def run(cfg: DictConfig) -> dict:
     """Search (lambda, theta) for ``n_cache`` on a run's checkpoint; writes and returns the result."""
     scfg = typed(CacheSearchConfig, cfg, "cache_search")
-    if scfg.name == "???":
-        raise ConfigError("name=<results name> is required")
     rd = RunDir(scfg.name).require()  # read-only but for one atomic write: no guard, like evaluate
     setup_logging(rd.log_path("cache_search"))
     device = pick_device(scfg.device)

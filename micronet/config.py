@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 T = TypeVar("T")
 
@@ -33,6 +33,9 @@ def typed(cls: type[T], node: Any, where: str) -> T:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(cls), node)
         obj = OmegaConf.to_object(merged)
+    except MissingMandatoryValue as e:
+        key = getattr(e, "full_key", None) or getattr(e, "key", None) or "value"
+        raise ConfigError(f"{where}: {key} is required (add {key}=... to the command line)") from None
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", None)
         msg = str(e).splitlines()[0]

@@ -226,7 +226,8 @@ def _flush(out: np.ndarray, pos: int, buf: array, path: Path) -> int:
     return end
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -374,7 +375,7 @@ def _cache_is_current(cache_dir: Path, raw_dir: Path, sources: dict[str, Path]) 
     present = [p.is_file() for p in sources.values()]
     if not any(present):  # raw files deleted after caching (e.g. to save disk): the cache stands alone
         return True
-    return all(present) and all(_sha256(p) == files[s]["sha256"] for s, p in sources.items())
+    return all(present) and all(sha256_file(p) == files[s]["sha256"] for s, p in sources.items())
 
 
 def prepare(cfg: DataConfig, progress: Progress = True) -> Path:
@@ -403,7 +404,7 @@ def _build(cfg: DataConfig, raw_dir: Path, cache_dir: Path, sources: dict[str, P
     for path in sources.values():
         if not path.is_file():
             raise DataError(f"{path}: split file not found; put it there or point data.raw_dir at its folder")
-    hashes = {s: _sha256(p) for s, p in sources.items()}
+    hashes = {s: sha256_file(p) for s, p in sources.items()}
     known = _KNOWN_SHA256.get(cfg.name, {}) if cfg.verify_sha256 else {}
     for s, p in sources.items():
         if p.name in known and hashes[s] != known[p.name]:

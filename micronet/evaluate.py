@@ -20,9 +20,9 @@ from torch.nn.utils import parametrize
 
 from micronet.cache import EvalCache, attach_cache, checkpoint_cache_config, eval_cache_for
 from micronet.cli import setup_logging, stage_main
-from micronet.config import ConfigError, typed
+from micronet.config import typed
 from micronet.data import DataConfig, load_corpus
-from micronet.model import Memory, ModelConfig, TransformerLM
+from micronet.model import ModelConfig, TransformerLM
 from micronet.progress import bar
 from micronet.results import CheckpointError, RunDir, write_json
 
@@ -111,8 +111,6 @@ def load_model(run: RunDir, step: int | None, device: torch.device | str = "cpu"
 def run(cfg: DictConfig) -> dict:
     """Evaluate a run's checkpoint on the requested splits; returns the JSON written."""
     ecfg = typed(EvalConfig, cfg, "evaluate")
-    if ecfg.name == "???":
-        raise ConfigError("name=<results name> is required")
     rd = RunDir(ecfg.name).require()
     setup_logging(rd.log_path("evaluate"))
     device = pick_device(ecfg.device)

@@ -297,14 +297,17 @@ class AGPPruner(MaskHolder):
 # ----------------------------------------------------------------------------- the stage
 
 
+def pruned_name(schedule: str, parent: str) -> str:
+    """Results name of ``parent`` pruned with schedule ``schedule`` (also used by micronet.pipeline)."""
+    return f"prune{schedule}_{parent}"
+
+
 def run(cfg: DictConfig) -> dict:
     """Prune-and-fine-tune (or resume) ``results/prune<s>_<name>``; returns the score JSON (or {})."""
     from micronet.train import OptimConfig, TrainConfig, Trainer, truncate_csv
 
     st = typed(PruneStageConfig, {k: cfg.get(k) for k in PruneStageConfig.__dataclass_fields__ if k in cfg},
                "prune stage")
-    if st.name == "???":
-        raise ConfigError("name=<trained results name> is required")
     pcfg = typed(PruneConfig, cfg.get("prune"), "prune")
     train_cfg = typed(TrainConfig, cfg.get("train"), "train")
     optim_cfg = typed(OptimConfig, cfg.get("optim"), "optim")
@@ -312,7 +315,7 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"train.steps={train_cfg.steps} < prune.every x prune.rounds = {pcfg.every * pcfg.rounds}: "
                           "the final sparsity would never be reached")
     parent = RunDir(st.name).require()
-    rd = RunDir(f"prune{pcfg.name}_{parent.name}")
+    rd = RunDir(pruned_name(pcfg.name, parent.name))
     with rd.guard("prune"):
         setup_logging(rd.log_path("prune"))
         ckpt = parent.load(recorded_parent_step(rd, parent, st.step))

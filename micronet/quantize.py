@@ -239,9 +239,19 @@ class QuantizeStageConfig:
             raise ValueError(f"n_cache must be >= 0, got {self.n_cache}")
 
 
+def searched_caches(parent: RunDir, step: int) -> list[int]:
+    """Cache sizes searched for ``step`` of ``parent`` (its ``cache_step<S>_n<N>.yaml`` files), ascending."""
+    return sorted(int(p.stem.rsplit("_n", 1)[1]) for p in parent.path.glob(f"cache_step{step}_n*.yaml"))
+
+
 def _searched_cache(parent: RunDir, step: int) -> int:
-    found = sorted(int(p.stem.rsplit("_n", 1)[1]) for p in parent.path.glob(f"cache_step{step}_n*.yaml"))
+    found = searched_caches(parent, step)
     return found[-1] if found else 0
+
+
+def quantized_name(parent: str, step: int, n_cache: int, bits: int) -> str:
+    """Results name of step ``step`` of ``parent`` quantized to ``bits`` (also used by micronet.pipeline)."""
+    return f"quantize_{parent}_step{int(step)}_cache{int(n_cache)}_bits{int(bits)}"
 
 
 def _plain_model(ckpt: dict) -> TransformerLM:
@@ -258,8 +268,6 @@ def run(cfg: DictConfig) -> dict:
 
     top = {k: cfg.get(k) for k in QuantizeStageConfig.__dataclass_fields__ if k in cfg}
     qs = typed(QuantizeStageConfig, top, "quantize")
-    if qs.name == "???":
-        raise ConfigError("name=<results name> is required")
     qc = typed(QuantConfig, cfg.get("quant"), "quant")
     act_bits = qs.act_bits if qs.act_bits is not None else qs.bits
     parent = RunDir(qs.name).require()
@@ -268,7 +276,7 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"{parent.name} is already quantized; quantize its full-precision parent")
     pstep = int(ckpt["step"])
     n_cache = qs.n_cache if qs.n_cache is not None else _searched_cache(parent, pstep)
-    rd = RunDir(f"quantize_{parent.name}_step{pstep}_cache{n_cache}_bits{qs.bits}")
+    rd = RunDir(quantized_name(parent.name, pstep, n_cache, qs.bits))
     qat = qc.steps > 1
     with rd.guard("quantize"):
         setup_logging(rd.log_path("quantize"))

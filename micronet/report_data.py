@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -57,14 +56,6 @@ def read_sha256sums(folder: str | os.PathLike) -> dict[str, str]:
         if len(parts) == 2:
             sums[parts[1].lstrip("*")] = parts[0].lower()
     return sums
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def setup_data(name: str = "wikitext-2", local_dir: str | os.PathLike | None = None, url: str | None = None,
@@ -133,7 +124,7 @@ def _setup(cfg: DataConfig, local_dir: str | os.PathLike | None, download: bool,
 def _check_local_sums(folder: Path, names: Sequence[str]) -> None:
     sums = read_sha256sums(folder)
     for f in names:
-        if f in sums and _sha256(folder / f) != sums[f]:
+        if f in sums and data.sha256_file(folder / f) != sums[f]:
             raise DataError(f"{folder / f}: sha256 does not match {folder / 'SHA256SUMS'}; the copy is corrupt")
 
 
@@ -141,7 +132,7 @@ def _stage(src: Path, dest: Path) -> None:
     """Copy ``src`` to ``dest`` atomically unless ``dest`` already holds the same bytes."""
     if dest.exists() and dest.resolve() == src.resolve():
         return
-    if dest.is_file() and dest.stat().st_size == src.stat().st_size and _sha256(dest) == _sha256(src):
+    if dest.is_file() and dest.stat().st_size == src.stat().st_size and data.sha256_file(dest) == data.sha256_file(src):
         return
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     try:

@@ -4,7 +4,7 @@
 
 * ``config.yaml``           resolved configuration of the run (plus its lineage)
 * ``models/model-<S>.pt``   checkpoints: magic + sha256 + torch.save payload (see :func:`save_checkpoint`)
-* ``train_results.csv``     one row per validation
+* ``train_results.csv``     one row per validation (appended; a torn last row is dropped on resume)
 * ``<stage>.log``           log of every invocation
 * ``eval_step<S>.json`` (``eval_step<S>_n<N>.json`` with an eval cache of N), ``score_step<S>.json``, ``cache_step<S>_n<N>.yaml``
 * ``quantize_step<S>.json``, ``model.mnq``  quantized runs: summary and packed export (micronet.export)
@@ -12,12 +12,15 @@
 * ``.guard``                held (flock) by the one process working on the directory
 
 Every file is written atomically (temp file, fsync, rename), so a crash leaves either the
-old file or the new one, never half of one.
+old file or the new one, never half of one; a failed write (disk full, ...) is one clear
+:class:`WriteError` line and leaves no temp file. Logs and ``train_results.csv`` are appended.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import errno
 import fcntl
 import hashlib
 import io
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import yaml
 
 from micronet.config import MicronetError
 from micronet.paths import PROJECT_ROOT, results_root
@@ -40,6 +44,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_MAGIC = b"MICRONET"  # 8 bytes, then 32 bytes of sha256 of the payload that follows
 CHECKPOINT_FORMAT = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=,-]*$")
+# Temp names (atomic_write_bytes) of files written only under the guard: train/prune/quantize, soft labels.
+_GUARDED_TEMPS = (".config.yaml.tmp*", ".train_results.csv.tmp*", "models/.model-*.pt.tmp*", "soft_labels/*/.*.tmp*")
 
 
 class GuardError(MicronetError):
@@ -50,18 +56,40 @@ class CheckpointError(MicronetError):
     """A checkpoint is missing, corrupt, or does not fit the requested model."""
 
 
+class WriteError(MicronetError):
+    """A results file could not be written (disk full, read-only, ...); its previous version is intact."""
+
+    def __init__(self, message: str, errno_: int | None = None):
+        super().__init__(message)
+        self.errno = errno_
+
+
+def write_error(path: Path, e: OSError, doing: str = "writing") -> WriteError:
+    """One clear line for an OSError met while ``doing`` ``path`` (no space, quota, read-only, ...)."""
+    reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}.get(
+        e.errno, (e.strerror or str(e)).lower())
+    return WriteError(f"{reason} while {doing} {path}", e.errno)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never a part.
+
+    An OSError (ENOSPC, EROFS, ...) becomes :class:`WriteError` (one line); the temp file is removed.
+    """
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)  # a failed save leaves the old file intact and no temp behind
+        intact = f"; the previous {path.name} is intact" if path.exists() else ""
+        raise WriteError(f"{write_error(path, e)}{intact}", e.errno) from e
     except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed save (ENOSPC, signal) leaves the old file intact
+        tmp.unlink(missing_ok=True)  # a signal mid-save: the same
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -102,6 +130,48 @@ def load_checkpoint_file(path: Path, map_location: str | torch.device = "cpu") -
     if hashlib.sha256(body).digest() != digest:
         raise CheckpointError(f"{path} is corrupt or truncated (checksum mismatch)")
     return torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
+
+
+CSV_FIELDS = ["step", "tokens", "train_loss", "val_loss", "val_ppl", "lr", "tokens_per_s", "elapsed_s"]
+
+
+def append_csv_row(run: RunDir, row: dict) -> None:
+    """Append one validation row to ``train_results.csv`` (rows past the resumed step were dropped).
+
+    An append, not an atomic rewrite: a crash mid-write leaves at most a torn last line, which
+    :func:`truncate_csv` drops when the run resumes.
+    """
+    new = not run.train_csv.exists()
+    try:
+        with open(run.train_csv, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            if new:
+                w.writeheader()
+            w.writerow({k: row[k] for k in CSV_FIELDS})
+    except OSError as e:
+        raise write_error(run.train_csv, e, "appending to") from e
+
+
+def truncate_csv(run: RunDir, step: int) -> None:
+    """Drop rows logged after ``step`` (a future the resumed run will redo) and any torn or damaged row."""
+    if not run.train_csv.exists():
+        return
+    raw = text = run.train_csv.read_text(encoding="utf-8", errors="replace")
+    if not text.endswith("\n"):  # a torn last line: the process died mid-append
+        text = text[: text.rfind("\n") + 1]
+    rows = []
+    for r in csv.DictReader(io.StringIO(text, newline="")):
+        try:
+            if None not in r and all(r.get(k) is not None for k in CSV_FIELDS) and int(r["step"]) <= step:
+                rows.append(r)
+        except ValueError:
+            continue
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=CSV_FIELDS)  # the same dialect (line ends) as append_csv_row
+    w.writeheader()
+    w.writerows({k: r[k] for k in CSV_FIELDS} for r in rows)
+    if out.getvalue() != raw:
+        atomic_write_text(run.train_csv, out.getvalue())
 
 
 def code_version() -> dict:
@@ -185,9 +255,19 @@ class RunDir:
         return sorted(int(m.group(1)) for m in found if m)
 
     def save(self, step: int, payload: dict) -> Path:
-        """Write ``models/model-<step>.pt`` atomically with a checksum."""
+        """Write ``models/model-<step>.pt`` atomically with a checksum.
+
+        A failed write (disk full, ...) raises :class:`CheckpointError` naming the newest checkpoint
+        still on disk, so the user knows what a re-run will resume from.
+        """
         path = self.checkpoint_path(step)
-        save_checkpoint(path, {"step": int(step), **payload})
+        try:
+            save_checkpoint(path, {"step": int(step), **payload})
+        except WriteError as e:
+            older = [s for s in self.steps() if s != int(step)]
+            prev = f"the previous checkpoint {self.checkpoint_path(older[-1])} is intact" if older else \
+                "no earlier checkpoint exists"
+            raise CheckpointError(f"{str(e).split('; the previous')[0]}; {prev}") from e
         return path
 
     def load(self, step: int | None = None, map_location: str | torch.device = "cpu") -> dict:
@@ -217,9 +297,12 @@ class RunDir:
         The lock is an flock on ``.guard``: the kernel drops it when its process dies, so a
         leftover file whose lock can be taken is stale by construction (no pid guessing).
         """
-        self.path.mkdir(parents=True, exist_ok=True)
         path = self.path / ".guard"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # read-only, no permission, no inode left
+            raise write_error(path, e) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -233,16 +316,48 @@ class RunDir:
         if stale:
             log.warning("cleared a guard left by a dead process: pid %s, stage %s, since %s",
                         stale.get("pid"), stale.get("stage"), stale.get("since"))
+        self._remove_dead_temps()
         info = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage,
                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+        except OSError as e:  # a full disk: fail before any work, with the guard released
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)
+            raise write_error(path, e) from e
         try:
             yield
         finally:
             os.ftruncate(fd, 0)  # an empty guard file means "released cleanly"
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+    def _remove_dead_temps(self) -> None:
+        """Delete temp files a killed guard holder left (see :func:`atomic_write_bytes`): only guard
+        holders write these files, so while we hold the guard nobody else is writing them."""
+        for pattern in _GUARDED_TEMPS:
+            for tmp in self.path.glob(pattern):
+                with contextlib.suppress(OSError):
+                    size = tmp.stat().st_size
+                    tmp.unlink()
+                    log.warning("removed %s (%s bytes), half-written by a killed process", tmp, f"{size:,}")
+
+    def read_config(self) -> dict | None:
+        """``config.yaml`` as a dict (None if there is none); a clear error if it is damaged."""
+        if not self.config_path.exists():
+            return None
+        try:
+            raw = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            mark = getattr(e, "problem_mark", None)
+            what = f"{e.problem} at line {mark.line + 1}" if mark is not None and getattr(e, "problem", None) \
+                else (str(e).splitlines() or [type(e).__name__])[0]
+            raise MicronetError(f"{self.config_path} is damaged ({what}); restore or remove it") from None
+        if raw is not None and not isinstance(raw, dict):
+            raise MicronetError(f"{self.config_path} is damaged (not a mapping); restore or remove it")
+        return raw or {}
 
 
 def _read_guard(path: Path) -> dict:

@@ -17,6 +17,7 @@ LayerNorms, tied tables once). Initial sparsities are ``initial_fraction`` x fin
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ from micronet.evaluate import evaluate_stream, load_model, pick_device
 from micronet.model import TransformerLM
 from micronet.progress import bar
 from micronet.prune import magnitude_mask, original, prunable_names
-from micronet.results import RunDir, atomic_write_text, write_json
+from micronet.results import RunDir, atomic_write_bytes, atomic_write_text, write_json
 from micronet.score import ModelCounts
 
 log = logging.getLogger(__name__)
@@ -129,14 +130,14 @@ def plot(path, base: float, curves: dict[str, list[float]], sparsities: list[flo
     ax.set_ylabel("validation perplexity")
     ax.set_title("one-shot magnitude pruning sensitivity (dots: chosen final sparsity)")
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()  # rendered in memory, then written atomically like every results file
+    fig.savefig(buf, dpi=100, format="png")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def run(cfg: DictConfig) -> dict:
     """Measure (or reuse) the curves of a run's checkpoint and write the schedule for ``target``."""
     sc = typed(SensitivityConfig, cfg, "sensitivity")
-    if sc.name == "???":
-        raise ConfigError("name=<results name> is required")
     rd = RunDir(sc.name).require()
     with rd.guard("sensitivity"):
         setup_logging(rd.log_path("sensitivity"))

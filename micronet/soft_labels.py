@@ -26,6 +26,7 @@ bit for bit (re-running the preceding tokens would only match up to rounding).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -35,19 +36,19 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from micronet.cli import setup_logging, stage_main
+from micronet.cli import StopSignals, setup_logging, stage_main
 from micronet.config import ConfigError, MicronetError, typed
 from micronet.data import Corpus, DataConfig, load_corpus
 from micronet.evaluate import load_model, pick_device
 from micronet.model import Memory
 from micronet.progress import bar
-from micronet.results import RunDir, atomic_write_bytes, code_version, write_json
+from micronet.results import RunDir, atomic_write_bytes, code_version, write_error, write_json
 
 log = logging.getLogger(__name__)
 
@@ -128,22 +129,6 @@ def auto_row_block(vocab_size: int, budget_bytes: int = 8 << 20) -> int:
     return max(16, budget_bytes // (4 * vocab_size))
 
 
-class _Stop:
-    """SIGINT/SIGTERM -> a flag, so the loop can flush at the next chunk boundary and exit."""
-
-    def __enter__(self) -> "_Stop":
-        self.signum = 0
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
 class RowFile:
     """Rows of a 2-D C-order ``.npy`` file, read and written with pread/pwrite at header offsets.
 
@@ -179,12 +164,24 @@ class RowFile:
     def write(self, start: int, rows: np.ndarray) -> None:
         """Write (n, k) ``rows`` from row ``start`` on."""
         data = np.ascontiguousarray(rows, dtype=self.dtype).tobytes()
-        if os.pwrite(self.fd, data, self.offset + start * self.row_bytes) != len(data):
-            raise OSError(f"short write to {self.path}")
+        try:
+            n = os.pwrite(self.fd, data, self.offset + start * self.row_bytes)
+        except OSError as e:
+            raise self._failed(e) from e
+        if n != len(data):
+            raise self._failed(OSError(errno.ENOSPC, "short write"))
 
     def sync(self) -> None:
         """Make everything written so far durable."""
-        os.fsync(self.fd)
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise self._failed(e) from e
+
+    def _failed(self, e: OSError) -> SoftLabelError:
+        # The manifest vouches only for rows synced before it was written: those survive.
+        return SoftLabelError(f"{write_error(self.path, e)}; the rows recorded in manifest.json are kept: "
+                              "make room and run the same command again to resume")
 
     def close(self) -> None:
         """Release the file descriptor (idempotent)."""
@@ -278,7 +275,7 @@ def generate_soft_labels(model: torch.nn.Module, tokens: np.ndarray, out_dir: Pa
     n_pred = n - 1
     pos = rows_done - 1  # next input position; its prediction is row pos + 1 (always on the chunk grid)
     t0, pos0, blocks, chunks = time.perf_counter(), pos, 0, 0
-    with _Stop() as stop, bar(n_pred, f"soft labels {meta['teacher']}", "tok", count=pos) as pbar:
+    with StopSignals() as stop, bar(n_pred, f"soft labels {meta['teacher']}", "tok", count=pos) as pbar:
         while pos < n_pred:
             end = min(pos + chunk_len, n_pred)
             h, mem = model(data[pos:end].to(device)[None], mem)  # h: (1, T, d_model)
@@ -328,8 +325,6 @@ def _hms(seconds: float) -> str:
 def run(cfg: DictConfig) -> dict:
     """Generate (or resume) the soft labels of a teacher run; returns the manifest."""
     scfg = typed(SoftLabelConfig, cfg, "soft_labels")
-    if scfg.name == "???":
-        raise ConfigError("name=<teacher results name> is required")
     rd = RunDir(scfg.name).require()
     with rd.guard("soft_labels"):
         setup_logging(rd.log_path("soft_labels"))

@@ -9,7 +9,6 @@ resumes from the newest checkpoint and continues bit-for-bit.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import signal
@@ -22,19 +21,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from micronet.cache import CacheConfig, EvalCache, attach_cache
-from micronet.cli import setup_logging, stage_main
+from micronet.cli import StopSignals, setup_logging, stage_main
 from micronet.config import ConfigError, MicronetError, as_dict, typed
 from micronet.data import Corpus, DataConfig, load_corpus
+from micronet.derived import lineage
 from micronet.distill import Distiller, build_distiller
 from micronet.evaluate import evaluate_stream, pick_device
 from micronet.hebbian import HebbianConfig, HebbianSoftmax
 from micronet.model import ModelConfig, TransformerLM, count_parameters
 from micronet.progress import bar
-from micronet.results import CheckpointError, RunDir, atomic_write_text, code_version
+from micronet.results import (CheckpointError, RunDir, append_csv_row, atomic_write_text, code_version,
+                              truncate_csv)
 
 log = logging.getLogger(__name__)
-
-CSV_FIELDS = ["step", "tokens", "train_loss", "val_loss", "val_ppl", "lr", "tokens_per_s", "elapsed_s"]
 
 
 @dataclass
@@ -70,11 +69,14 @@ class TrainConfig:
     amp: str = "none"  # none | bf16 | fp16 (fp16 on CUDA only)
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     stop_after: int = 0  # stop (with a checkpoint) after this many steps in this invocation; 0 = run to the end
+    max_bad_steps: int = 0  # skip up to this many steps with a non-finite loss/gradient (per run); 0 = stop at the first
 
     def validate(self) -> None:
         for k in ("steps", "batch_size", "chunk_len", "eval_every", "save_every", "eval_chunk_len"):
             if getattr(self, k) < 1:
                 raise ValueError(f"train.{k} must be a positive integer, got {getattr(self, k)}")
+        if self.max_bad_steps < 0:
+            raise ValueError(f"train.max_bad_steps must be >= 0, got {self.max_bad_steps}")
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"train.amp must be none, bf16 or fp16, got {self.amp!r}")
 
@@ -109,22 +111,8 @@ def build_model_config(node: Any, corpus: Corpus) -> ModelConfig:
     return typed(ModelConfig, raw, "model")
 
 
-class _Stop:
-    """Turns SIGINT/SIGTERM into a flag the loop checks, so the stage can save and exit cleanly."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-
-    def __enter__(self) -> "_Stop":
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
+class _ValidationAborted(Exception):
+    """Raised by the signal handler armed during a validation pass (see :meth:`Trainer._validate`)."""
 
 
 def _amp_context(device: torch.device, amp: str):
@@ -163,6 +151,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.step = 0
         self.tokens = 0
+        self.bad_steps = 0  # non-finite steps skipped so far in the run (bounded by cfg.max_bad_steps)
+        self.pending_losses: list[float] = []  # train losses since the last validation (checkpointed: exact CSV)
+        self.pending_validation = False  # a signal interrupted the validation of self.step: redo it on resume
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state(self) -> dict:
@@ -177,6 +168,8 @@ class Trainer:
             "cache_config": as_dict(self.cache_cfg),
             "hebbian": self.hebbian.state_dict() if self.hebbian is not None else None,
             "data_manifest": {k: self.corpus.manifest.get(k) for k in ("vocab_size", "tokens", "sha256")},
+            "bad_steps": self.bad_steps, "pending_losses": list(self.pending_losses),
+            "pending_validation": self.pending_validation,
             "code": code_version(), **(self.extra_state or {}),
         }
 
@@ -205,6 +198,9 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.tokens = int(ckpt["step"]), int(ckpt["tokens"])
+        self.bad_steps = int(ckpt.get("bad_steps", 0))
+        self.pending_losses = [float(x) for x in ckpt.get("pending_losses", [])]
+        self.pending_validation = bool(ckpt.get("pending_validation", False))
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         self.rng.bit_generator.state = ckpt["rng"]["numpy"]
         if "cuda" in ckpt["rng"] and self.device.type == "cuda":
@@ -229,13 +225,14 @@ class Trainer:
             if self.distill is not None:  # h * NLL(lp) + (1 - h) * soft CE vs the teacher's top-k
                 loss = self.distill.loss(self.model, h, lp, starts, self.step, cfg.steps)
         if not torch.isfinite(loss):
-            raise MicronetError(f"non-finite training loss at step {self.step + 1}; "
-                                f"the last good checkpoint is kept (lower optim.lr or check the data)")
+            return self._bad_step("loss", x.numel())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.optim_cfg.clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.clip)
+            if not self.scaler.is_enabled() and not torch.isfinite(norm):  # fp16: the scaler skips these itself
+                return self._bad_step("gradient", x.numel())
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.hebbian is not None:  # acts on the rows the optimizer just updated
@@ -245,6 +242,29 @@ class Trainer:
         for hook in self.after_step:
             hook(self)
         return loss.item()
+
+    def _bad_step(self, what: str, n_tokens: int) -> float:
+        """A non-finite loss or gradient: stop with a clear error, or (``max_bad_steps``) skip the update.
+
+        A skipped step still counts (schedule, step hooks) and has consumed its batch and dropout draws,
+        so the run stays deterministic and resumable. Returns NaN (not a training loss).
+        """
+        self.bad_steps += 1
+        step, budget = self.step + 1, self.cfg.max_bad_steps
+        if self.bad_steps > budget:
+            last = self.run.latest_step()
+            kept = f"the last checkpoint (step {last}) is kept" if last is not None else "no checkpoint was saved"
+            used = f" after skipping {budget} (train.max_bad_steps={budget})" if budget else ""
+            raise MicronetError(f"non-finite training {what} at step {step}{used}; {kept}; lower optim.lr, "
+                                f"check the data, or let train.max_bad_steps=N skip up to N such steps")
+        log.warning("non-finite training %s at step %d: skipped without an update (%d of train.max_bad_steps=%d)",
+                    what, step, self.bad_steps, budget)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += n_tokens
+        for hook in self.after_step:
+            hook(self)
+        return math.nan
 
     def validate(self) -> float:
         tokens = self.corpus.valid
@@ -260,17 +280,22 @@ class Trainer:
         """Run until ``steps`` (or ``stop_after`` steps / a signal); returns the last validation."""
         cfg = self.cfg
         end = cfg.steps if not cfg.stop_after else min(cfg.steps, self.step + cfg.stop_after)
-        losses: list[float] = []
         last: dict = {}
-        t0, tok0 = time.perf_counter(), self.tokens
-        with _Stop() as stop, bar(cfg.steps, f"train {self.run.name}", "steps", count=self.step) as pbar:
+        t0, tok0, tok_s = time.perf_counter(), self.tokens, 0.0
+        with StopSignals() as stop, bar(cfg.steps, f"train {self.run.name}", "steps", count=self.step) as pbar:
+            if self.pending_validation:  # the last invocation was stopped during this step's validation
+                truncate_csv(self.run, self.step - 1)  # a row for it from an invocation killed later is redone
+                last = self._validate(stop, tok_s, 0.0) or last
             while self.step < end and not stop.signum:
-                losses.append(self.train_step())
+                loss = self.train_step()
+                if math.isfinite(loss):  # NaN: a skipped step (train.max_bad_steps)
+                    self.pending_losses.append(loss)
                 tok_s = (self.tokens - tok0) / (time.perf_counter() - t0)
-                pbar.update(status=f"loss {losses[-1]:.3f} | {tok_s:,.0f} tok/s | lr {lr_at(self.step - 1, self.optim_cfg, cfg.steps):.2e}")
+                pbar.update(status=f"loss {loss:.3f} | {tok_s:,.0f} tok/s | lr {lr_at(self.step - 1, self.optim_cfg, cfg.steps):.2e}")
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    last = self._log_validation(losses, tok_s, time.perf_counter() - t0)
-                    losses = []
+                    last = self._validate(stop, tok_s, time.perf_counter() - t0) or last
+                    if self.pending_validation:
+                        break  # a signal: save at once; validation of this step runs first on resume
                 if self.step % cfg.save_every == 0 or self.step == end:
                     self.save()
             if stop.signum:
@@ -278,8 +303,43 @@ class Trainer:
                 raise KeyboardInterrupt if stop.signum == signal.SIGINT else SystemExit(143)
         return last
 
-    def _log_validation(self, losses: list[float], tok_s: float, elapsed: float) -> dict:
-        val = self.validate()
+    def _validate(self, stop: StopSignals, tok_s: float, elapsed: float) -> dict | None:
+        """Validate ``self.step`` and log its row; None if SIGINT/SIGTERM interrupted it.
+
+        A whole-split validation can take minutes: a signal aborts it at once (so the stage saves and
+        exits within seconds) and leaves ``pending_validation`` set, which the checkpoint records.
+        """
+        armed = [True]
+
+        def abort(signum: int, frame: Any) -> None:
+            stop.signum = signum
+            if armed[0]:
+                armed[0] = False
+                raise _ValidationAborted
+
+        self.pending_validation = True
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            try:
+                if stop.signum:  # signalled during the step: do not start a long pass
+                    raise _ValidationAborted
+                for s in old:
+                    signal.signal(s, abort)
+                val = self.validate()
+                armed[0] = False  # from here on a signal only sets the flag
+            except _ValidationAborted:
+                log.info("validation of step %d interrupted by a signal: it runs first when the run resumes",
+                         self.step)
+                return None
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        row = self._log_validation(val, tok_s, elapsed)
+        self.pending_validation = False
+        return row
+
+    def _log_validation(self, val: float, tok_s: float, elapsed: float) -> dict:
+        losses, self.pending_losses = self.pending_losses, []
         row = {"step": self.step, "tokens": self.tokens, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                "val_loss": val, "val_ppl": math.exp(val), "lr": lr_at(self.step - 1, self.optim_cfg, self.cfg.steps),
                "tokens_per_s": tok_s, "elapsed_s": elapsed}
@@ -287,26 +347,6 @@ class Trainer:
         log.info("step %d: train loss %.4f, val loss %.4f, val ppl %.2f, %.0f tok/s",
                  self.step, row["train_loss"], val, row["val_ppl"], tok_s)
         return row
-
-
-def append_csv_row(run: RunDir, row: dict) -> None:
-    """Append one validation row to ``train_results.csv`` (rows past the resumed step were dropped)."""
-    new = not run.train_csv.exists()
-    with open(run.train_csv, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow({k: row[k] for k in CSV_FIELDS})
-
-
-def truncate_csv(run: RunDir, step: int) -> None:
-    """Drop rows logged after ``step`` (they belong to a future the resumed run will redo)."""
-    if not run.train_csv.exists():
-        return
-    with open(run.train_csv, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-    lines = [",".join(CSV_FIELDS)] + [",".join(r[k] for k in CSV_FIELDS) for r in rows]
-    atomic_write_text(run.train_csv, "\n".join(lines) + "\n")
 
 
 def run(cfg: DictConfig) -> dict:
@@ -327,6 +367,9 @@ def run(cfg: DictConfig) -> dict:
         trainer = Trainer(rd, train_cfg, optim_cfg, model_cfg, data_cfg, corpus, resolved,
                           cache_cfg=cache_cfg, hebbian_cfg=hebbian_cfg)
         trainer.distill = build_distiller(cfg.get("distill"), corpus)
+        if trainer.distill is not None:  # the teacher is a distilled student's parent (lineage, runs table)
+            resolved["lineage"] = lineage("distill", RunDir(trainer.distill.cfg.teacher),
+                                          int(trainer.distill.labels.manifest["step"]))
         resumed = trainer.resume()
         truncate_csv(rd, trainer.step)
         resolved["code"] = code_version()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from conftest import TINY_MODEL, TINY_TRAIN, compose_cfg, run_cli
 from micronet import evaluate, score, train
