@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from micronet.paths import CONF_DIR, PROJECT_ROOT
@@ -21,6 +22,15 @@ TINY_TRAIN = [
     "train.steps=6", "train.batch_size=2", "train.chunk_len=32", "train.eval_every=3", "train.save_every=2",
     "train.val_tokens=300", "train.eval_chunk_len=64", "optim.warmup_steps=2", "train.threads=1",
 ]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a 2-core machine: one intra-op thread avoids OpenMP contention; restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from conftest import compose_cfg
@@ -27,13 +26,6 @@ from test_soft_labels import TINY_DATA_MODEL, tiny_data, tiny_train, write_tiny_
 NEW_FILES_ALLOWED = re.compile(r"\.guard|\.lock|.*\.log")  # a failed stage may leave its guard, lock and log
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (INFO|WARNING) ")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

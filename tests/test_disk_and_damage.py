@@ -17,7 +17,7 @@ from conftest import compose_cfg
 from micronet import results, train
 from micronet.config import MicronetError
 from micronet.results import CheckpointError, RunDir, WriteError, truncate_csv
-from test_reliability import TRAIN, assert_same_run, guard_is_free, one_thread, start, tail, temp_files  # noqa: F401
+from test_reliability import TRAIN, assert_same_run, guard_is_free, start, tail, temp_files  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- a full disk

@@ -14,7 +14,7 @@ from micronet.distill import (DistillConfig, Distiller, SoftLabels, distill_loss
                               soft_cross_entropy)
 from micronet.results import RunDir
 from micronet.soft_labels import SoftLabelError
-from test_soft_labels import (VOCAB, one_thread, tiny_env, tiny_lm, tiny_train,  # noqa: F401 (fixtures)
+from test_soft_labels import (VOCAB, tiny_env, tiny_lm, tiny_train,  # noqa: F401 (fixtures)
                               write_tiny_corpus)
 
 

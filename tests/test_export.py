@@ -16,13 +16,6 @@ from micronet.prune import magnitude_mask
 from micronet.quantize import calibrate, levels, prepare, quantized_weights
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("bits", [2, 3, 8, 9, 16, 32])
 def test_codes_pack_to_bits_each_and_unpack_exactly(bits):

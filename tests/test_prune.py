@@ -22,14 +22,6 @@ PRUNE_TINY = ["prune.every=2", "prune.rounds=2", "train.steps=6", "train.batch_s
               "train.threads=1", "eval_splits=[]"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture
 def parent(results_root):

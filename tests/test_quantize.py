@@ -23,13 +23,6 @@ from micronet.results import CheckpointError, RunDir
 QUANT_TINY = ["quant.calib_batches=2", "quant.calib_chunk_len=32", "eval_splits=[]"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_model(n_layer: int = 2) -> TransformerLM:
     torch.manual_seed(0)

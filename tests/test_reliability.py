@@ -39,14 +39,6 @@ STATE = ("step", "tokens", "model", "optimizer", "scaler", "rng", "bad_steps", "
          "pending_validation")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: one thread, restored afterwards (train.threads=1 sets it)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -56,15 +56,6 @@ def tiny_train(name: str, folder: Path, *extra: str, data_name: str = "tiny"):
         "train.eval_chunk_len=64", "optim.warmup_steps=1", "train.threads=1", *extra])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run many small ops: one thread keeps them fast on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def tiny_env(tmp_path, results_root, monkeypatch) -> Path:
     """Results and data caches under tmp; returns the raw folder of the synthetic corpus."""
