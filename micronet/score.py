@@ -304,30 +304,16 @@ def score(
     return count(build_ops(counts, settings), tensors, settings, counts.total_nonzeros)
 
 
-def score_config(cfg: ModelConfig, densities: Mapping[str, float] | None = None, **kwargs) -> Score:
-    """:func:`score` of ``ModelCounts.from_config(cfg, densities)``."""
-    table_scales = kwargs.pop("table_scales", "row")
-    return score(ModelCounts.from_config(cfg, densities, table_scales=table_scales), **kwargs)
+def score_config(cfg: ModelConfig, densities: Mapping[str, float] | None = None, *,
+                 table_scales: TableScales = "row", **settings) -> Score:
+    """:func:`score` of ``ModelCounts.from_config(cfg, densities)``; ``settings`` are :func:`score`'s."""
+    return score(ModelCounts.from_config(cfg, densities, table_scales=table_scales), **settings)
 
 
-def score_model(
-    model: TransformerLM,
-    *,
-    bits: int = 32,
-    act_bits: int | None = None,
-    n_act_quantizers: int | None = None,
-    n_cache: int = 0,
-    bin_fractions: Sequence[float] | None = None,
-    convention: str = "paper",
-    free_16bit: bool = False,
-    table_scales: TableScales = "row",
-) -> Score:
-    """Score a live model, densities measured from its (masked) weights."""
-    return score(
-        ModelCounts.from_model(model, table_scales=table_scales), bits=bits, act_bits=act_bits,
-        n_act_quantizers=n_act_quantizers, n_cache=n_cache, bin_fractions=bin_fractions,
-        convention=convention, free_16bit=free_16bit,
-    )
+def score_model(model: TransformerLM, *, table_scales: TableScales = "row", **settings) -> Score:
+    """:func:`score` of a live model, densities measured from its (masked) weights; ``settings``
+    (bits, act_bits, n_act_quantizers, n_cache, bin_fractions, convention, free_16bit) are :func:`score`'s."""
+    return score(ModelCounts.from_model(model, table_scales=table_scales), **settings)
 
 
 def bin_fractions(tokens, cutoffs: Sequence[int], vocab_size: int | None = None) -> tuple[float, ...]:
