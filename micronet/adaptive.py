@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from micronet.linear_softmax import target_log_prob
+
 
 def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """log_softmax in at least fp32: half-precision logits lose too much in the normaliser."""
@@ -99,35 +101,51 @@ class AdaptiveLogSoftmax(nn.Module):
 
     def log_probs(self, h: torch.Tensor) -> torch.Tensor:
         """Full distribution: (N, d_model) -> (N, vocab_size) log-probabilities."""
-        head = self.head_log_probs(h)
-        n_head = self.edges[1]
-        parts = [head[:, :n_head]]
-        for i in range(1, self.n_bins):
-            parts.append(self.tail_log_probs(h, i) + head[:, n_head + i - 1 : n_head + i])
-        return torch.cat(parts, dim=-1)
+        return full_log_probs(self, h)
 
     def target_log_probs(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """log p(target) for each row, computing each tail only for the rows that need it.
 
-        h: (N, d_model), target: (N,) -> (N,) float32.
+        h: (N, d_model), target: (N,) -> (N,) float32 (float64 for float64 inputs). Every row needs one
+        head column (its word, or its tail's cluster), so no (N x words) log-probabilities are stored:
+        see :mod:`micronet.linear_softmax`.
         """
-        head = self.head_log_probs(h)
         n_head = self.edges[1]
-        in_head = target < n_head
-        out = torch.empty(target.shape, dtype=head.dtype, device=h.device)
-        out[in_head] = head[in_head].gather(1, target[in_head, None]).squeeze(1)
+        inner = torch.tensor(self.edges[1:-1], device=target.device)
+        bins = torch.bucketize(target, inner, right=True)  # (N,) 0 = head, i = tail bin i
+        head_col = torch.where(bins == 0, target, n_head + bins - 1)  # (N,) word or cluster column
+        weight, bias = self.table(0), self.biases[0]
+        if isinstance(self.projs[0], nn.Linear):  # (h P^T) T^T = h (T P)^T
+            weight = weight @ self.projs[0].weight
+        if self.cluster is not None:
+            weight = torch.cat([weight, self.cluster.weight.to(weight.dtype)])  # (n_head + n_bins - 1, d_model)
+            bias = torch.cat([bias, self.cluster.bias.to(bias.dtype)])
+        out = target_log_prob(h, weight, bias, head_col)
         for i in range(1, self.n_bins):
-            lo, hi = self.edges[i], self.edges[i + 1]
-            rows = ((target >= lo) & (target < hi)).nonzero(as_tuple=True)[0]
+            rows = (bins == i).nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
                 continue
-            tail = self.tail_log_probs(h[rows], i)
-            out[rows] = tail.gather(1, (target[rows] - lo)[:, None]).squeeze(1) + head[rows, n_head + i - 1]
+            tail = target_log_prob(self.projs[i](h[rows]), self.table(i), self.biases[i], target[rows] - self.edges[i])
+            out = out.index_add(0, rows, tail.to(out.dtype))
         return out
 
     def bin_inputs(self, h: torch.Tensor, i: int) -> torch.Tensor:
         """The vectors that bin ``i``'s word weights are dotted with (used by Hebbian softmax)."""
         return self.projs[i](h)
+
+
+def full_log_probs(sm: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """(N, d_model) -> (N, vocab_size): head words, then each tail's words + its cluster's log-prob.
+
+    ``sm`` is any adaptive softmax with ``edges``, ``n_bins``, ``head_log_probs`` and ``tail_log_probs``
+    (this module's, or the inference copy in :mod:`micronet.fast_infer`).
+    """
+    head = sm.head_log_probs(h)
+    n_head = sm.edges[1]
+    parts = [head[:, :n_head]]
+    for i in range(1, sm.n_bins):
+        parts.append(sm.tail_log_probs(h, i) + head[:, n_head + i - 1 : n_head + i])
+    return torch.cat(parts, dim=-1)
 
 
 def init_adaptive(embedding: AdaptiveEmbedding, softmax: AdaptiveLogSoftmax, std: float = 0.02) -> None:

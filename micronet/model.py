@@ -75,15 +75,35 @@ class Memory:
         return Memory([t.detach() for t in self.kv], self.n_valid)
 
 
+class _Skew(torch.autograd.Function):
+    """(..., L, C) -> (..., L, L + C - 1) with ``out[..., i, i + c] = x[..., i, c]``.
+
+    Forward: pad each row by L zeros, flatten, drop the last L, view as L rows of L + C - 1, so
+    row i moves right by i. Backward is the inverse walk (pad the flat gradient by L, view as L rows
+    of L + C, keep C columns): one pass over the gradient, where autograd's version of the forward
+    zero-fills and copies the whole padded buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        *lead, L, C = x.shape
+        flat = F.pad(x, (0, L)).reshape(*lead, L * (C + L))  # (..., L * (C + L))
+        return flat[..., : L * (C + L - 1)].reshape(*lead, L, C + L - 1)  # (..., L, L + C - 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        *lead, L, W = grad.shape  # W = L + C - 1
+        C = W - L + 1
+        flat = F.pad(grad.reshape(*lead, L * W), (0, L))  # (..., L * (C + L))
+        return flat.view(*lead, L, C + L)[..., :C]  # (..., L, C)
+
+
 def skew(x: torch.Tensor) -> torch.Tensor:
     """(..., L, C) -> (..., L, L + C - 1) with ``out[..., i, i + c] = x[..., i, c]``.
 
     Entries off that band are arbitrary; callers mask them.
     """
-    *lead, L, C = x.shape
-    x = F.pad(x, (0, L))  # (..., L, C + L)
-    x = x.reshape(*lead, L * (C + L))[..., : L * (C + L - 1)]  # (..., L * (C + L - 1))
-    return x.reshape(*lead, L, C + L - 1)  # (..., L, L + C - 1)
+    return _Skew.apply(x)
 
 
 def window_mask(n_seg: int, seg_len: int, n_seq: int, n_valid: int, device: torch.device) -> torch.Tensor:
@@ -138,19 +158,20 @@ class WindowAttention(nn.Module):
         win = kv_all.unfold(1, M + L, L)  # (B, S, 2, H, dh, M + L)
         k = win[:, :, 0].transpose(-1, -2).reshape(B * S, H, M + L, dh)  # (B*S, H, M+L, dh)
         v = win[:, :, 1].transpose(-1, -2).reshape(B * S, H, M + L, dh)  # (B*S, H, M+L, dh)
-        q = q.view(B, S, L, H, dh).transpose(2, 3).reshape(B * S, H, L, dh)  # (B*S, H, L, dh)
+        # 1/sqrt(dh) on the queries once, instead of on two (B*S, H, L, M+L) logit tensors.
+        q = q.view(B, S, L, H, dh).transpose(2, 3).reshape(B * S, H, L, dh) * dh**-0.5  # (B*S, H, L, dh)
         # Position logits q . E[:, d]; flipping puts distance n_seq - c in column c, so that
         # skewing aligns row i's distances with key columns i .. i + n_seq.
         pos = torch.matmul(q, self.pos.to(q.dtype)).flip(-1)  # (B*S, H, L, C)
-        bias = skew(pos).view(B, S, H, L, M + L) / math.sqrt(dh)  # (B, S, H, L, M+L)
+        bias = skew(pos).view(B, S, H, L, M + L)  # (B, S, H, L, M+L)
         bias = bias + window_mask(S, L, M, n_valid, x.device).to(bias.dtype)  # mask (S, 1, L, M+L)
         bias = bias.view(B * S, H, L, M + L)
         if self.act_probs is None:
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
+                q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0, scale=1.0
             )  # (B*S, H, L, dh)
         else:  # explicit softmax: the probabilities themselves are transformed (e.g. quantized)
-            p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(dh) + bias, dim=-1)  # (B*S, H, L, M+L)
+            p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) + bias, dim=-1)  # (B*S, H, L, M+L)
             y = torch.matmul(F.dropout(self.act_probs(p), self.dropout, self.training), v)  # (B*S, H, L, dh)
         y = y.view(B, S, H, L, dh).transpose(2, 3).reshape(B, S * L, H * dh)[:, :T]  # (B, T, H*dh)
         return self.out(y), new_mem
