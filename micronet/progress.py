@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator
 
 import enlighten
@@ -11,10 +12,11 @@ _manager: enlighten.Manager | None = None
 
 
 def manager() -> enlighten.Manager:
-    """One enlighten manager per process (it owns the bottom lines of the terminal)."""
+    """One enlighten manager per process (it owns the bottom lines of the terminal); under torchrun
+    only rank 0 draws bars."""
     global _manager
     if _manager is None:
-        _manager = enlighten.get_manager()
+        _manager = enlighten.get_manager(enabled=os.environ.get("RANK", "0") == "0")
     return _manager
 
 

@@ -9,6 +9,7 @@ resumes from the newest checkpoint and continues bit-for-bit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from micronet import distributed
 from micronet.cache import CacheConfig, EvalCache, attach_cache
 from micronet.cli import StopSignals, setup_logging, stage_main
 from micronet.config import ConfigError, MicronetError, as_dict, typed
@@ -111,6 +113,19 @@ def build_model_config(node: Any, corpus: Corpus) -> ModelConfig:
     return typed(ModelConfig, raw, "model")
 
 
+# Settings that change speed, not the function the model computes (segmented attention equals the
+# whole-sequence computation for any segment length: tests/test_model.py), so a resume may change them.
+SPEED_ONLY_MODEL_KEYS = ("segment_len",)
+
+
+def same_model(a: dict | None, b: dict) -> bool:
+    """Whether two model configs describe the same network (speed-only settings ignored)."""
+    if a is None:
+        return False
+    strip = lambda d: {k: v for k, v in d.items() if k not in SPEED_ONLY_MODEL_KEYS}  # noqa: E731
+    return strip(a) == strip(b)
+
+
 class _ValidationAborted(Exception):
     """Raised by the signal handler armed during a validation pass (see :meth:`Trainer._validate`)."""
 
@@ -136,12 +151,16 @@ class Trainer:
                  cache_cfg: CacheConfig | None = None, hebbian_cfg: HebbianConfig | None = None):
         self.run, self.cfg, self.optim_cfg, self.corpus = run, cfg, optim, corpus
         self.model_cfg, self.data_cfg, self.full_config = model_cfg, data_cfg, full_config
-        self.device = pick_device(cfg.device)
+        self.device = distributed.local_device(pick_device(cfg.device))
         torch.manual_seed(cfg.seed)
         self.model = TransformerLM(model_cfg).to(self.device)
         # The training cache's lambda/theta are model parameters: attach before the optimizer sees them.
         self.cache_cfg = cache_cfg or CacheConfig()
         self.cache = attach_cache(self.model, self.cache_cfg)
+        if distributed.rank() > 0:  # the same initial weights on every rank, then its own dropout stream
+            torch.manual_seed(cfg.seed + distributed.rank())
+        # The forward + loss that DDP (torchrun) synchronises; the model itself is used unwrapped.
+        self.objective = distributed.wrap(distributed.Objective(self.model, self._loss), self.device)
         hebbian_cfg = hebbian_cfg or HebbianConfig()
         self.hebbian = HebbianSoftmax(self.model.softmax, hebbian_cfg) if hebbian_cfg.enabled else None
         # fused: one kernel per step instead of ~10 per parameter tensor (CPU and CUDA).
@@ -161,6 +180,7 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "numpy": self.rng.bit_generator.state}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        rng = distributed.with_rank_rngs(rng)  # torchrun: every rank's dropout stream too
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "tokens": self.tokens, "rng": rng,
@@ -174,15 +194,17 @@ class Trainer:
         }
 
     def save(self) -> None:
-        path = self.run.save(self.step, self.state())
-        log.info("saved %s", path)
+        state = self.state()  # under torchrun every rank takes part (RNG states), rank 0 writes
+        path = distributed.on_main(lambda: self.run.save(self.step, state))
+        if path is not None:
+            log.info("saved %s", path)
 
     def resume(self) -> bool:
         """Load the newest good checkpoint if there is one; refuse one of another model."""
         if not self.run.steps():
             return False
         ckpt = self.run.load(map_location=self.device)
-        if ckpt.get("model_config") != as_dict(self.model_cfg):
+        if not same_model(ckpt.get("model_config"), as_dict(self.model_cfg)):
             raise CheckpointError(
                 f"results/{self.run.name} holds a checkpoint of a different model config; "
                 f"use another name or the same model settings (checkpoint: {ckpt.get('model_config')})")
@@ -201,10 +223,8 @@ class Trainer:
         self.bad_steps = int(ckpt.get("bad_steps", 0))
         self.pending_losses = [float(x) for x in ckpt.get("pending_losses", [])]
         self.pending_validation = bool(ckpt.get("pending_validation", False))
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         self.rng.bit_generator.state = ckpt["rng"]["numpy"]
-        if "cuda" in ckpt["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
+        distributed.restore_torch_rng(ckpt["rng"], self.device, self.cfg.seed, self.step)
         log.info("resumed results/%s from step %d", self.run.name, self.step)
         return True
 
@@ -214,34 +234,42 @@ class Trainer:
         lr = lr_at(self.step, self.optim_cfg, cfg.steps)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        # Every rank draws the global batch (one shared rng stream) and trains on its own rows.
         x, y, starts = sample_batch(self.corpus.train, cfg.batch_size, cfg.chunk_len, self.rng)
-        x, y = x.to(self.device), y.to(self.device)
+        n_tokens, rows = x.numel(), distributed.batch_rows(cfg.batch_size)
+        x, y = x[rows].to(self.device), y[rows].to(self.device)
         with _amp_context(self.device, cfg.amp):
-            h, _ = self.model(x)  # (B, T, d_model); training chunks start with no memory
-            lp = self.model.target_log_probs(h, y)  # (B, T) log p(target)
-            if self.cache is not None:
-                lp = self.cache(h, y, lp)  # mixed with each sequence's own cache
-            loss = -lp.mean()
-            if self.distill is not None:  # h * NLL(lp) + (1 - h) * soft CE vs the teacher's top-k
-                loss = self.distill.loss(self.model, h, lp, starts, self.step, cfg.steps)
-        if not torch.isfinite(loss):
-            return self._bad_step("loss", x.numel())
+            loss, h = self.objective(x, y, starts[rows])
+        batch_loss = distributed.mean(loss.detach())  # of the global batch: the same on every rank
+        if not torch.isfinite(batch_loss):
+            return self._bad_step("loss", n_tokens)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.optim_cfg.clip > 0:
             self.scaler.unscale_(self.optimizer)
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.clip)
             if not self.scaler.is_enabled() and not torch.isfinite(norm):  # fp16: the scaler skips these itself
-                return self._bad_step("gradient", x.numel())
+                return self._bad_step("gradient", n_tokens)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.hebbian is not None:  # acts on the rows the optimizer just updated
             self.hebbian.update(h.detach(), y)
         self.step += 1
-        self.tokens += x.numel()
+        self.tokens += n_tokens
         for hook in self.after_step:
             hook(self)
-        return loss.item()
+        return batch_loss.item()
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training loss of rows x (B, T) -> y (B, T) at ``starts`` (B,), and the final hidden states."""
+        h, _ = self.model(x)  # (B, T, d_model); training chunks start with no memory
+        lp = self.model.target_log_probs(h, y)  # (B, T) log p(target)
+        if self.cache is not None:
+            lp = self.cache(h, y, lp)  # mixed with each sequence's own cache
+        loss = -lp.mean()
+        if self.distill is not None:  # h * NLL(lp) + (1 - h) * soft CE vs the teacher's top-k
+            loss = self.distill.loss(self.model, h, lp, starts, self.step, self.cfg.steps)
+        return loss, h
 
     def _bad_step(self, what: str, n_tokens: int) -> float:
         """A non-finite loss or gradient: stop with a clear error, or (``max_bad_steps``) skip the update.
@@ -284,9 +312,9 @@ class Trainer:
         t0, tok0, tok_s = time.perf_counter(), self.tokens, 0.0
         with StopSignals() as stop, bar(cfg.steps, f"train {self.run.name}", "steps", count=self.step) as pbar:
             if self.pending_validation:  # the last invocation was stopped during this step's validation
-                truncate_csv(self.run, self.step - 1)  # a row for it from an invocation killed later is redone
+                distributed.on_main(lambda: truncate_csv(self.run, self.step - 1))  # a later row is redone
                 last = self._validate(stop, tok_s, 0.0) or last
-            while self.step < end and not stop.signum:
+            while self.step < end and not self._stopping(stop):
                 loss = self.train_step()
                 if math.isfinite(loss):  # NaN: a skipped step (train.max_bad_steps)
                     self.pending_losses.append(loss)
@@ -298,10 +326,15 @@ class Trainer:
                         break  # a signal: save at once; validation of this step runs first on resume
                 if self.step % cfg.save_every == 0 or self.step == end:
                     self.save()
-            if stop.signum:
+            if self._stopping(stop):
                 self.save()
                 raise KeyboardInterrupt if stop.signum == signal.SIGINT else SystemExit(143)
         return last
+
+    def _stopping(self, stop: StopSignals) -> bool:
+        """Whether to stop for a signal; under torchrun all ranks stop at the same step if any saw one."""
+        stop.signum = distributed.any_rank(stop.signum)
+        return bool(stop.signum)
 
     def _validate(self, stop: StopSignals, tok_s: float, elapsed: float) -> dict | None:
         """Validate ``self.step`` and log its row; None if SIGINT/SIGTERM interrupted it.
@@ -328,12 +361,13 @@ class Trainer:
                 val = self.validate()
                 armed[0] = False  # from here on a signal only sets the flag
             except _ValidationAborted:
-                log.info("validation of step %d interrupted by a signal: it runs first when the run resumes",
-                         self.step)
-                return None
+                val = None
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+        if distributed.any_rank(val is None):  # every rank validates; one interrupted: all redo it
+            log.info("validation of step %d interrupted by a signal: it runs first when the run resumes", self.step)
+            return None
         row = self._log_validation(val, tok_s, elapsed)
         self.pending_validation = False
         return row
@@ -343,7 +377,7 @@ class Trainer:
         row = {"step": self.step, "tokens": self.tokens, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                "val_loss": val, "val_ppl": math.exp(val), "lr": lr_at(self.step - 1, self.optim_cfg, self.cfg.steps),
                "tokens_per_s": tok_s, "elapsed_s": elapsed}
-        append_csv_row(self.run, row)
+        distributed.on_main(lambda: append_csv_row(self.run, row))
         log.info("step %d: train loss %.4f, val loss %.4f, val ppl %.2f, %.0f tok/s",
                  self.step, row["train_loss"], val, row["val_ppl"], tok_s)
         return row
@@ -357,11 +391,17 @@ def run(cfg: DictConfig) -> dict:
     cache_cfg = typed(CacheConfig, cfg.get("cache"), "cache")
     hebbian_cfg = typed(HebbianConfig, cfg.get("hebbian"), "hebbian")
     rd = RunDir(cfg.name)
-    with rd.guard("train"):
-        setup_logging(rd.log_path("train"))
+    # torchrun: join the process group; rank 0 alone holds the guard and writes results/<name>.
+    distributed.check_batch(train_cfg.batch_size, distributed.env_world_size())  # before joining or writing
+    with distributed.process_group(pick_device(train_cfg.device)), contextlib.ExitStack() as held:
+        distributed.on_main(lambda: held.enter_context(rd.guard("train")))
+        writer = distributed.is_main()
+        setup_logging(rd.log_path("train") if writer else None)
+        logging.getLogger().setLevel(logging.INFO if writer else logging.WARNING)  # rank 0 reports progress
         if train_cfg.threads:
             torch.set_num_threads(train_cfg.threads)
-        corpus = load_corpus(data_cfg)
+        # Rank 0 first: it may build the data cache, which the others then read.
+        corpus = distributed.on_main(lambda: load_corpus(data_cfg)) or load_corpus(data_cfg)
         model_cfg = build_model_config(cfg.model, corpus)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         trainer = Trainer(rd, train_cfg, optim_cfg, model_cfg, data_cfg, corpus, resolved,
@@ -370,18 +410,20 @@ def run(cfg: DictConfig) -> dict:
         if trainer.distill is not None:  # the teacher is a distilled student's parent (lineage, runs table)
             resolved["lineage"] = lineage("distill", RunDir(trainer.distill.cfg.teacher),
                                           int(trainer.distill.labels.manifest["step"]))
-        resumed = trainer.resume()
-        truncate_csv(rd, trainer.step)
+        resumed = trainer.resume()  # every rank loads the same newest checkpoint
         resolved["code"] = code_version()
-        atomic_write_text(rd.config_path, OmegaConf.to_yaml(resolved))
+        distributed.on_main(lambda: (truncate_csv(rd, trainer.step),
+                                     atomic_write_text(rd.config_path, OmegaConf.to_yaml(resolved))))
         if not resumed:
             log.info("training results/%s: %s parameters, %s train tokens, vocab %d", rd.name,
                      f"{count_parameters(trainer.model):,}", f"{len(corpus.train):,}", corpus.vocab_size)
-        last = trainer.train()
-    if last:
-        print(f"validation perplexity {last['val_ppl']:.2f} at step {last['step']}; results in {rd.path}")
-    else:
-        print(f"stopped at step {trainer.step}; results in {rd.path}")
+        try:
+            last = trainer.train()
+        finally:  # drop the DDP wrapper: process_group frees it before destroying the group
+            trainer.objective = distributed.unwrap(trainer.objective)
+    if writer:
+        print(f"validation perplexity {last['val_ppl']:.2f} at step {last['step']}; results in {rd.path}" if last
+              else f"stopped at step {trainer.step}; results in {rd.path}")
     return last
 
 

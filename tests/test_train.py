@@ -64,6 +64,13 @@ def test_checkpoint_of_another_model_is_refused(results_root):
     assert sorted(p.name for p in RunDir("m").path.rglob("*")) == before
 
 
+def test_resume_may_change_the_segment_length(results_root):
+    """segment_len only changes speed (segmented attention is exact), so it does not block a resume."""
+    train.run(tiny_cfg("s", "train.stop_after=2"))
+    train.run(tiny_cfg("s", "model.segment_len=4"))
+    assert RunDir("s").latest_step() == 6
+
+
 def _hold_guard(root: str, q) -> None:
     os.environ["MICRONET_RESULTS"] = root
     with RunDir("g").guard("train"):
