@@ -1,8 +1,11 @@
 """Evaluate stage: batch-1 online perplexity with memory carried over the whole split.
 
-    python -m micronet.evaluate name=<run> [step=S] [splits=[valid,test]]
+    python -m micronet.evaluate name=<run> [step=S] [splits=[valid,test]] [fast=true]
 
 Writes ``results/<name>/eval_step<S>.json`` (``eval_step<S>_n<N>.json`` with ``n_cache=N``) with loss (mean NLL, nats), ppl and tokens per split.
+``fast=true`` evaluates the CPU inference model of :mod:`micronet.fast_infer` (int8 kernels, no fake
+quantization) instead, into ``eval_step<S>[_n<N>]_fast.json``: the reference files (which ``score`` reads)
+keep the exact model's figures.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from torch.nn.utils import parametrize
 
 from micronet.cache import EvalCache, attach_cache, checkpoint_cache_config, eval_cache_for
 from micronet.cli import setup_logging, stage_main
-from micronet.config import typed
+from micronet.config import ConfigError, typed
 from micronet.data import DataConfig, load_corpus
+from micronet.fast_infer import build_fast_model
 from micronet.model import ModelConfig, TransformerLM
 from micronet.progress import bar
 from micronet.results import CheckpointError, RunDir, write_json
@@ -39,6 +43,7 @@ class EvalConfig:
     chunk_len: int = 4032  # tokens per forward pass; memory is carried between chunks
     device: str = "auto"
     n_cache: int = 0  # evaluation cache size (independent of training's); 0 = off
+    fast: bool = False  # evaluate micronet.fast_infer's int8 CPU inference model; results in *_fast.json
 
     def validate(self) -> None:
         if self.chunk_len < 1 or self.n_cache < 0:
@@ -113,7 +118,9 @@ def run(cfg: DictConfig) -> dict:
     ecfg = typed(EvalConfig, cfg, "evaluate")
     rd = RunDir(ecfg.name).require()
     setup_logging(rd.log_path("evaluate"))
-    device = pick_device(ecfg.device)
+    if ecfg.fast and ecfg.device not in ("auto", "cpu"):
+        raise ConfigError(f"fast=true is a CPU inference path (int8 CPU kernels); use device=cpu, not {ecfg.device}")
+    device = torch.device("cpu") if ecfg.fast else pick_device(ecfg.device)
     model, ckpt = load_model(rd, ecfg.step, device)
     step = int(ckpt["step"])
     data_cfg = typed(DataConfig, ckpt["data_config"], "data")
@@ -125,6 +132,11 @@ def run(cfg: DictConfig) -> dict:
         log.info("evaluation cache: %s", cache_info)
     out: dict = {"name": rd.name, "step": step}
     path = rd.eval_path(step, ecfg.n_cache)
+    if ecfg.fast:
+        model = build_fast_model(model)  # the checkpoint's effective weights (== its model.mnq's, if quantized)
+        out["fast"] = model.fast
+        path = path.with_name(f"{path.stem}_fast.json")
+        log.info("fast inference model: %s", model.fast)
     if path.exists():  # keep results of splits not evaluated this time
         out = {**json.loads(path.read_text()), **out}
     for split in ecfg.splits:

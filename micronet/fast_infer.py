@@ -1,0 +1,218 @@
+"""Fast CPU inference for a compressed (pruned, quantized) TransformerLM.
+
+    model = build_fast_model("results/<quantize run>/model.mnq")          # int8 kernels (default)
+    model = build_fast_model(load_mnq(path), backend="fp32")             # fp32, no fake quantization
+    python -m micronet.evaluate name=<run> fast=true                     # the evaluate stage, fast path
+
+The exported model evaluates with *fake* quantization: fp32 weights that happen to be code x scale,
+plus a quantize-dequantize op on 7 activations per layer (and an explicit attention softmax for one of
+them), so it is slower than its dense fp32 parent. Here:
+
+* the effective weights (masks and quantizers applied) are copied into a plain TransformerLM and the
+  activation fake quantizers are left out (attention goes back to the fused SDPA kernel);
+* ``backend="int8"``: every ``nn.Linear`` of the blocks becomes a
+  ``torch.ao.nn.quantized.dynamic.Linear`` (per-output-channel symmetric qint8 weights, activations
+  quantized per call by the kernel, asymmetric, 7-bit range); 9-bit codes (|c| <= 255) are rounded to 8 bits, a
+  second rounding that costs a little perplexity (measured by ``bench/compressed_inference.py``);
+* the tied adaptive softmax is replaced by :class:`FastAdaptiveLogSoftmax`: head words and cluster
+  logits in one matmul, no concatenation (int8 copies of the tied tables with ``backend="int8"``; the
+  fp32 tables stay for the input embedding);
+* attention runs in blocks of ``segment_len=32`` queries (n_seq + 32 keys each) instead of the model's
+  (96 + 96 for the 8.3M models): 31 masked-out scores per query instead of 95, the same band attention
+  (equal up to float rounding).
+
+The result has the API :func:`micronet.evaluate.evaluate_stream` uses (``model(x, mem)``,
+``target_log_probs``, ``log_probs``, ``.cfg``), so evaluation with carried memory and the eval cache
+runs unchanged. It is for inference only (no gradients; the int8 modules have none).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.ao.nn.intrinsic.quantized.dynamic import LinearReLU as DynamicLinearReLU
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+from micronet.adaptive import AdaptiveLogSoftmax, full_log_probs
+from micronet.cache import CacheConfig, attach_cache, model_cache
+from micronet.config import ConfigError, MicronetError
+from micronet.model import TransformerLM
+
+BACKENDS = ("int8", "fp32")
+# Measured on the WikiText-2 9-bit model, 1 thread, AVX2 (bench/compressed_inference.py and its --engine):
+DEFAULT_ENGINE = "onednn"  # ~5% more tokens per CPU second than fbgemm or x86 (7,450 vs 7,060)
+DEFAULT_SEGMENT_LEN = 32  # attention blocks of n_seq + 32 keys, not n_seq + 96: +11% for dense fp32 too, same loss
+HEAD_ROWS = 1024  # softmax rows per block: (1024, |bin_0|) logits instead of (4032, ...), 56 MB less peak RSS
+
+
+@contextlib.contextmanager
+def quant_engine(engine: str) -> Iterator[None]:
+    """Select the quantized engine while weights are packed; the packed weights keep their kernel."""
+    if engine not in torch.backends.quantized.supported_engines:
+        raise ConfigError(f"quantized engine {engine!r} is not supported by this torch build "
+                          f"(supported: {torch.backends.quantized.supported_engines})")
+    old = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = old
+
+
+def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = False) -> DynamicLinear:
+    """A dynamic int8 Linear computing ``x @ weight.T + bias`` (then ReLU, fused, with ``relu``):
+    symmetric per-row qint8 weights, scale max|row| / 127 (9-bit codes are rounded to 8 bits here)."""
+    w = weight.detach().float().contiguous()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).double()
+    # The modules' forward passes reduce_range=True: activations get 7 bits, so the AVX2 u8 x s8 pair
+    # sums (vpmaddubsw) cannot saturate int16; with 8 bits they can (measured: max errors 3x larger).
+    with warnings.catch_warnings():  # torch 2.13 marks quantized-tensor creation deprecated (pytorch#184982)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        qw = torch.quantize_per_channel(w, scale, torch.zeros(len(scale), dtype=torch.long), 0, torch.qint8)
+        cls = DynamicLinearReLU if relu else DynamicLinear
+        mod = cls(w.shape[1], w.shape[0], bias is not None, dtype=torch.qint8)
+        mod.set_weight_bias(qw, None if bias is None else bias.detach().float().contiguous())
+    return mod
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> nn.Module:
+    """``weight``/``bias`` as an int8 dynamic or a frozen fp32 Linear."""
+    if backend == "int8":
+        return int8_linear(weight, bias)
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin.requires_grad_(False)
+
+
+def _project(proj: nn.Module, backend: str) -> nn.Module:
+    return proj if isinstance(proj, nn.Identity) else _linear(proj.weight, None, backend)
+
+
+class FastAdaptiveLogSoftmax(nn.Module):
+    """Inference copy of a tied :class:`AdaptiveLogSoftmax` (same methods, same results up to rounding).
+
+    ``head``: the bin-0 words and the tail-cluster logits as one (|bin_0| + n_tails, d) matrix, so a
+    single GEMM and no concatenation; ``tails[i - 1]``: projection then word logits of tail bin i.
+    """
+
+    def __init__(self, sm: AdaptiveLogSoftmax, backend: str):
+        super().__init__()
+        self.edges, self.n_bins = list(sm.edges), sm.n_bins
+        w, b = [sm.table(0)], [sm.biases[0]]
+        if sm.cluster is not None:
+            w.append(sm.cluster.weight)
+            b.append(sm.cluster.bias)
+        self.head_proj = _project(sm.projs[0], backend)
+        self.head = _linear(torch.cat(w).detach(), torch.cat(b).detach(), backend)
+        self.tails = nn.ModuleList(
+            nn.Sequential(_project(sm.projs[i], backend), _linear(sm.table(i).detach(), sm.biases[i].detach(), backend))
+            for i in range(1, self.n_bins))
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(N, d_model) -> (N, |bin_0| + n_bins - 1)."""
+        return self.head(self.head_proj(h)).float()
+
+    def head_log_probs(self, h: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.head_logits(h), dim=-1)
+
+    def tail_log_probs(self, h: torch.Tensor, i: int) -> torch.Tensor:
+        return F.log_softmax(self.tails[i - 1](h).float(), dim=-1)
+
+    def log_probs(self, h: torch.Tensor) -> torch.Tensor:
+        """Full distribution: (N, d_model) -> (N, vocab_size)."""
+        return full_log_probs(self, h)
+
+    def target_log_probs(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """log p(target): (N, d_model), (N,) -> (N,) float32; each tail only for the rows that need it."""
+        if len(h) > HEAD_ROWS:  # row blocks: same speed, a quarter of the logits' peak memory at chunk 4032
+            return torch.cat([self.target_log_probs(h[a : a + HEAD_ROWS], target[a : a + HEAD_ROWS])
+                              for a in range(0, len(h), HEAD_ROWS)])
+        head = self.head_log_probs(h)  # (N, |bin_0| + n_tails)
+        n_head = self.edges[1]
+        col = target.clone()  # the target's own head column, or its tail's cluster column
+        for i in range(1, self.n_bins):
+            col[(target >= self.edges[i]) & (target < self.edges[i + 1])] = n_head + i - 1
+        out = head.gather(1, col[:, None]).squeeze(1)
+        for i in range(1, self.n_bins):
+            lo, hi = self.edges[i], self.edges[i + 1]
+            rows = ((target >= lo) & (target < hi)).nonzero(as_tuple=True)[0]
+            if rows.numel():
+                out[rows] += self.tail_log_probs(h[rows], i).gather(1, (target[rows] - lo)[:, None]).squeeze(1)
+        return out
+
+
+def plain_copy(model: nn.Module, segment_len: int | None = None) -> TransformerLM:
+    """A TransformerLM holding ``model``'s effective weights, without masks or fake quantizers
+    (``segment_len``: its attention block length instead of the model's; results do not depend on it)."""
+    from micronet.export import effective, plain_names  # (micronet.export imports micronet.quantize)
+
+    cfg = dataclasses.replace(model.cfg, cutoffs=list(model.cfg.cutoffs), bin_dims=list(model.cfg.bin_dims))
+    if segment_len is not None:
+        cfg.segment_len = int(segment_len)
+    out = TransformerLM(cfg)
+    cache = model_cache(model)
+    if cache is not None:  # its two scalars are part of the plain state
+        attach_cache(out, CacheConfig(n_cache=cache.n_cache, learnable=isinstance(cache.theta_param, nn.Parameter)))
+    with torch.no_grad():
+        out.load_state_dict({n: effective(model, n).float().cpu() for n in plain_names(model)})
+    return out.eval().requires_grad_(False)
+
+
+def _replace_linears(module: nn.Module) -> int:
+    """Every nn.Linear below ``module`` -> int8 (a Linear followed by a ReLU in a Sequential: fused,
+    the ReLU replaced by Identity so indices stay); returns how many."""
+    n = 0
+    children = list(module.named_children())
+    for k, (name, child) in enumerate(children):
+        if type(child) is nn.Linear:
+            relu = isinstance(module, nn.Sequential) and k + 1 < len(children) and type(children[k + 1][1]) is nn.ReLU
+            setattr(module, name, int8_linear(child.weight, child.bias, relu=relu))
+            if relu:
+                setattr(module, children[k + 1][0], nn.Identity())
+            n += 1
+        elif not isinstance(child, nn.Identity):
+            n += _replace_linears(child)
+    return n
+
+
+def build_fast_model(source: str | Path | nn.Module, backend: str = "int8", engine: str = DEFAULT_ENGINE,
+                     int8_head: bool = True, segment_len: int | None = DEFAULT_SEGMENT_LEN) -> TransformerLM:
+    """The inference model of ``source``, a ``model.mnq`` path or any TransformerLM (fp32, pruned or
+    fake-quantized; not modified).
+
+    ``backend``: ``int8`` (dynamic int8 Linear with ``engine``'s kernels) or ``fp32`` (plain dense fp32
+    weights, no fake quantization). ``int8_head=False`` keeps the softmax in fp32 with the int8 backend.
+    ``segment_len``: attention queries per block (None: the model's own); exact attention either way.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"fast backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(source, (str, Path)):
+        from micronet.export import load_mnq
+
+        source = load_mnq(Path(source))
+    if not isinstance(source, TransformerLM):
+        raise MicronetError(f"build_fast_model needs a TransformerLM or a model.mnq path, got {type(source).__name__}")
+    if segment_len is not None and segment_len < 1:
+        raise ConfigError(f"segment_len must be positive, got {segment_len}")
+    model = plain_copy(source, segment_len)
+    head_backend = backend if int8_head else "fp32"
+    with quant_engine(engine) if backend == "int8" else contextlib.nullcontext():
+        model.softmax = FastAdaptiveLogSoftmax(model.softmax, head_backend)
+        n_int8 = _replace_linears(model.layers) if backend == "int8" else 0
+    model.fast = {"backend": backend, "engine": engine if backend == "int8" else None,
+                  "int8_head": head_backend == "int8", "int8_linears": n_int8, "segment_len": model.cfg.segment_len}
+    return model
+
+
+__all__ = ["FastAdaptiveLogSoftmax", "build_fast_model", "int8_linear", "plain_copy", "quant_engine"]
