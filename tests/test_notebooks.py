@@ -135,5 +135,5 @@ def test_evaluate_notebook_on_a_tiny_pipeline(kernel, tiny_results, tmp_path):
     assert "| tiny |" in text and "| prune0.5_tiny | tiny |" in text
     assert "prune0.5_tiny: no eval_step6.json; no score_step6.json" in text  # step 6 from its log
     assert "paper score" in text and "strict score" in text
-    assert outputs(nb, "png") == 3  # components, ppl vs score, training curves
+    assert outputs(nb, "png") == 4  # components, ppl vs score, sweep, training curves
     assert plot.is_file() and plot.stat().st_size > 0

@@ -92,7 +92,7 @@ def test_tiny_lineage_end_to_end_then_skips_and_resumes(kernel, results_root, tm
     nb = run_notebook("evaluate.ipynb", {"RESULTS_ROOT": str(results_root), "SAVE_PLOT": str(plot)}, tmp_path, kernel)
     text = outputs(nb)
     assert f"| {QUANT} | {PRUNED} | 1 |" in text and f"| {STUDENT} | {TEACHER} | 6 |" in text
-    assert outputs(nb, "png") == 3 and plot.stat().st_size > 0
+    assert outputs(nb, "png") == 4 and plot.stat().st_size > 0  # components, ppl vs score, sweep, curves
 
     # Everything done: nothing runs.
     stamps = {p: mtime(p) for p in (manifest, RunDir(TEACHER).checkpoint_path(6), RunDir(STUDENT).checkpoint_path(6))}
