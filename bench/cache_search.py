@@ -55,7 +55,7 @@ def main() -> None:
     setup_s = time.perf_counter() - t0
 
     candidates = [(0.25, 0.008), (0.30, 0.008), (0.28, 0.0075), (0.20, 0.01)]  # new theta, same theta, new, new
-    rows = []
+    rows, seen_thetas = [], set()
     for lam, theta in candidates:
         t0 = time.perf_counter()
         ppl_search = objective(lam, theta)
@@ -66,10 +66,11 @@ def main() -> None:
         ppl_full = math.exp(nll / n)
         row = {"lambda": lam, "theta": theta, "candidate_s": cand_s, "full_eval_s": full_s,
                "speedup": full_s / cand_s, "ppl_search": ppl_search, "ppl_full_eval": ppl_full,
-               "rel_ppl_diff": abs(ppl_search - ppl_full) / ppl_full}
+               "rel_ppl_diff": abs(ppl_search - ppl_full) / ppl_full, "new_theta": theta not in seen_thetas}
+        seen_thetas.add(theta)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    new_theta = [r for r in rows if r["theta"] != 0.008 or r is rows[0]]
+    new_theta = [r for r in rows if r["new_theta"]]  # the costly candidates: an exp pass over the band
     result = {
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "name": args.name, "tokens": len(tokens) - 1, "n_cache": args.n_cache,

@@ -1,10 +1,11 @@
 """log p(target) under a linear softmax, without materialising the (rows x words) log-probabilities.
 
 ``target_log_prob(x, W, b, t)[n] = log softmax(x[n] @ W.T + b)[t[n]]``, computed block by block:
-a block of rows times all words stays in the CPU's last-level cache, so the logits are written,
-normalised and read while hot. The backward recomputes each block's logits instead of storing them
-(one extra matmul, which is cheap next to the memory traffic it saves: the 8.3M model's rare-word
-bin is 242,735 words wide, i.e. about 1 GB of fp32 log-probabilities per training batch).
+a block of rows times all words stays in the CPU's last-level cache, so the logits are exponentiated
+and summed while hot, with one exp pass and no log-softmax output or its backward. The backward either
+reads the probabilities kept by the forward (the default: fastest measured, for every bin width) or,
+with ``keep_probs=False``, recomputes each block's logits (one extra matmul, and no (rows x words)
+buffer: the 8.3M model's rare-word bin is 242,735 words wide, about 0.8 GB of fp32 per training batch).
 
 Measured on the 8.3M training batch (14 x 1152 tokens, one thread), side by side in one process:
 see ``bench/softmax.py``.
@@ -94,8 +95,8 @@ def target_log_prob(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     or None, target (N,) int64 in [0, V) -> (N,) in at least fp32, with gradients for x, weight and bias.
 
     ``keep_probs``: store the (N, V) probabilities for the backward (when gradients are needed) instead of
-    recomputing them; default: store when ``d >= KEEP_PROBS_MIN_DIM`` (the recompute's matmul is dearer
-    than the memory traffic), recompute for narrow bins (the wide rare-word tails).
+    recomputing them; default: store when ``d >= KEEP_PROBS_MIN_DIM``, which is 1 (storing was faster for
+    every bin of the 8.3M model; raising it trades that speed for the memory of the narrow, wide tails).
     """
     block_elems = block_elems or BLOCK_ELEMS
     if keep_probs is None:
