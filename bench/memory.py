@@ -34,9 +34,9 @@ def child(case: str, steps: int, teacher: str) -> dict:
 
     if case == "train_8.3M":
         sys.path.insert(0, str(Path(__file__).parent))
-        from throughput import CASES, synthetic_tokens
+        from throughput import CASES, model_config, synthetic_tokens
 
-        cfg, batch, chunk, _ = CASES["8.3M"]
+        cfg, (batch, chunk) = model_config("8.3M"), CASES["8.3M"][2:4]
         tokens = synthetic_tokens(cfg, 400_000)
         corpus = Corpus(vocab=[str(i) for i in range(cfg.vocab_size)], train=tokens, valid=tokens[:1001],
                         test=tokens[:1001], manifest={"vocab_size": cfg.vocab_size})

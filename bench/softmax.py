@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import CASES, synthetic_tokens  # noqa: E402
+from throughput import CASES, model_config, synthetic_tokens  # noqa: E402
 
 from micronet.model import TransformerLM  # noqa: E402
 
@@ -59,7 +59,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     rows = []
     for name in args.cases.split(","):
-        cfg, batch, chunk, _ = CASES[name]
+        cfg, (batch, chunk) = model_config(name), CASES[name][2:4]
         torch.manual_seed(0)
         model = TransformerLM(cfg)
         n = batch * chunk

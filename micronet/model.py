@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from micronet.adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax, init_adaptive
+from micronet.band_attention import band_bias, band_softmax, windows
+from micronet.dropout import Dropout, dropout
 
 
 @dataclass
@@ -75,53 +77,6 @@ class Memory:
         return Memory([t.detach() for t in self.kv], self.n_valid)
 
 
-class _Skew(torch.autograd.Function):
-    """(..., L, C) -> (..., L, L + C - 1) with ``out[..., i, i + c] = x[..., i, c]``.
-
-    Forward: pad each row by L zeros, flatten, drop the last L, view as L rows of L + C - 1, so
-    row i moves right by i. Backward is the inverse walk (pad the flat gradient by L, view as L rows
-    of L + C, keep C columns): one pass over the gradient, where autograd's version of the forward
-    zero-fills and copies the whole padded buffer.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        *lead, L, C = x.shape
-        flat = F.pad(x, (0, L)).reshape(*lead, L * (C + L))  # (..., L * (C + L))
-        return flat[..., : L * (C + L - 1)].reshape(*lead, L, C + L - 1)  # (..., L, L + C - 1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        *lead, L, W = grad.shape  # W = L + C - 1
-        C = W - L + 1
-        flat = F.pad(grad.reshape(*lead, L * W), (0, L))  # (..., L * (C + L))
-        return flat.view(*lead, L, C + L)[..., :C]  # (..., L, C)
-
-
-def skew(x: torch.Tensor) -> torch.Tensor:
-    """(..., L, C) -> (..., L, L + C - 1) with ``out[..., i, i + c] = x[..., i, c]``.
-
-    Entries off that band are arbitrary; callers mask them.
-    """
-    return _Skew.apply(x)
-
-
-def window_mask(n_seg: int, seg_len: int, n_seq: int, n_valid: int, device: torch.device) -> torch.Tensor:
-    """Additive mask (n_seg, 1, seg_len, n_seq + seg_len): 0 where a query may look, -inf elsewhere.
-
-    Key column j of segment s sits at position ``s * seg_len - n_seq + j`` (0 = first query of the
-    chunk); query i sits at ``s * seg_len + i``. A key is visible when 0 <= query - key <= n_seq and
-    the key exists (memory holds ``n_valid`` real positions before the chunk).
-    """
-    s = torch.arange(n_seg, device=device)[:, None, None]
-    i = torch.arange(seg_len, device=device)[None, :, None]
-    j = torch.arange(n_seq + seg_len, device=device)[None, None, :]
-    dist = n_seq + i - j
-    visible = (dist >= 0) & (dist <= n_seq) & (s * seg_len - n_seq + j >= -n_valid)
-    mask = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))
-    return mask[:, None]  # (n_seg, 1, seg_len, n_seq + seg_len)
-
-
 class WindowAttention(nn.Module):
     """Multi-head sliding-window attention with a relative position table shared by heads."""
 
@@ -154,25 +109,25 @@ class WindowAttention(nn.Module):
         if pad:
             kv_all = F.pad(kv_all, (0, 0, 0, 0, 0, 0, 0, pad))  # (B, M + S*L, 2, H, dh)
             q = F.pad(q, (0, 0, 0, 0, 0, pad))  # (B, S*L, H, dh)
-        # Segment s sees keys [s*L, s*L + M + L) of kv_all: its own plus the n_seq before.
-        win = kv_all.unfold(1, M + L, L)  # (B, S, 2, H, dh, M + L)
-        k = win[:, :, 0].transpose(-1, -2).reshape(B * S, H, M + L, dh)  # (B*S, H, M+L, dh)
-        v = win[:, :, 1].transpose(-1, -2).reshape(B * S, H, M + L, dh)  # (B*S, H, M+L, dh)
+        k, v = windows(kv_all, M, L)  # (B*S, H, M+L, dh) each: segment s sees keys [s*L, s*L + M + L)
         # 1/sqrt(dh) on the queries once, instead of on two (B*S, H, L, M+L) logit tensors.
         q = q.view(B, S, L, H, dh).transpose(2, 3).reshape(B * S, H, L, dh) * dh**-0.5  # (B*S, H, L, dh)
-        # Position logits q . E[:, d]; flipping puts distance n_seq - c in column c, so that
-        # skewing aligns row i's distances with key columns i .. i + n_seq.
-        pos = torch.matmul(q, self.pos.to(q.dtype)).flip(-1)  # (B*S, H, L, C)
-        bias = skew(pos).view(B, S, H, L, M + L)  # (B, S, H, L, M+L)
-        bias = bias + window_mask(S, L, M, n_valid, x.device).to(bias.dtype)  # mask (S, 1, L, M+L)
-        bias = bias.view(B * S, H, L, M + L)
-        if self.act_probs is None:
+        # Position logits q . E[:, n_seq - c] (E's columns reversed): skewing then aligns row i's
+        # distances with key columns i .. i + n_seq.
+        pos = torch.matmul(q, self.pos.flip(-1).to(q.dtype))  # (B*S, H, L, C)
+        if self.act_probs is None and not (torch.is_grad_enabled() and x.device.type == "cpu"):
+            bias = band_bias(pos, S, n_valid)  # (B*S, H, L, M+L)
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0, scale=1.0
             )  # (B*S, H, L, dh)
-        else:  # explicit softmax: the probabilities themselves are transformed (e.g. quantized)
-            p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) + bias, dim=-1)  # (B*S, H, L, M+L)
-            y = torch.matmul(F.dropout(self.act_probs(p), self.dropout, self.training), v)  # (B*S, H, L, dh)
+        else:
+            # Explicit probabilities: for act_probs (e.g. quantized probabilities), and for CPU training,
+            # where SDPA falls back to a math path with a separate bias, a NaN-guarded softmax and a slow
+            # Bernoulli dropout (bench/attention.py).
+            p = band_softmax(q, k, pos, S, n_valid)  # (B*S, H, L, M+L)
+            if self.act_probs is not None:
+                p = self.act_probs(p)
+            y = torch.matmul(dropout(p, self.dropout, self.training), v)  # (B*S, H, L, dh)
         y = y.view(B, S, H, L, dh).transpose(2, 3).reshape(B, S * L, H * dh)[:, :T]  # (B, T, H*dh)
         return self.out(y), new_mem
 
@@ -186,7 +141,7 @@ class Block(nn.Module):
         self.attn = WindowAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.ffn = nn.Sequential(
-            nn.Linear(cfg.d_model, cfg.d_ff), nn.ReLU(), nn.Linear(cfg.d_ff, cfg.d_model), nn.Dropout(cfg.dropout)
+            nn.Linear(cfg.d_model, cfg.d_ff), nn.ReLU(), nn.Linear(cfg.d_ff, cfg.d_model), Dropout(cfg.dropout)
         )
 
     def forward(self, x: torch.Tensor, mem: torch.Tensor | None, n_valid: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +159,7 @@ class TransformerLM(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed = AdaptiveEmbedding(cfg.vocab_size, cfg.d_model, list(cfg.cutoffs), list(cfg.bin_dims))
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.softmax = AdaptiveLogSoftmax(self.embed)
         self.reset_parameters()

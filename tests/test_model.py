@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from micronet.model import Memory, ModelConfig, TransformerLM, count_parameters, skew
+from micronet.band_attention import band_bias, band_softmax, skew, windows
+from micronet.model import Memory, ModelConfig, TransformerLM, count_parameters
 
 TINY = dict(vocab_size=50, d_model=16, n_layer=2, n_head=2, d_head=4, d_ff=24, n_seq=5, segment_len=5,
             cutoffs=[10, 30], bin_dims=[16, 8, 2])
@@ -58,6 +59,36 @@ def test_skew_gradient_is_exact():
     assert torch.autograd.gradcheck(skew, (x,))
 
 
+@pytest.mark.parametrize("n_seq, L, n_valid", [(5, 5, 0), (5, 2, 0), (5, 2, 3), (4, 3, 4), (3, 7, 1)])
+def test_band_kernels_match_autograd_definitions(n_seq, L, n_valid):
+    """windows, band_bias and band_softmax against plain tensor code, values and finite differences."""
+    B, S, H, dh = 2, 3, 2, 3
+    C, W = n_seq + 1, n_seq + L
+    kv = torch.randn(B, n_seq + S * L, 2, H, dh, dtype=torch.float64, requires_grad=True)
+    k, v = windows(kv, n_seq, L)
+    for s in range(S):
+        assert torch.equal(k.view(B, S, H, W, dh)[:, s], kv[:, s * L : s * L + W, 0].transpose(1, 2))
+        assert torch.equal(v.view(B, S, H, W, dh)[:, s], kv[:, s * L : s * L + W, 1].transpose(1, 2))
+    assert torch.autograd.gradcheck(lambda t: windows(t, n_seq, L), (kv,))
+
+    pos = torch.randn(B * S, H, L, C, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(B * S, H, L, dh, dtype=torch.float64, requires_grad=True)
+    kk = torch.randn(B * S, H, W, dh, dtype=torch.float64, requires_grad=True)
+    s_idx = torch.arange(S)[:, None, None]
+    i = torch.arange(L)[None, :, None]
+    j = torch.arange(W)[None, None, :]
+    dist = n_seq + i - j  # query s*L + i, key s*L - n_seq + j
+    visible = (dist >= 0) & (dist <= n_seq) & (s_idx * L - n_seq + j >= -n_valid)  # (S, L, W)
+    gathered = pos.view(B, S, H, L, C).gather(-1, (n_seq - dist).clamp(0, n_seq)[None, :, None].expand(B, S, H, L, W))
+    expect = gathered.masked_fill(~visible[None, :, None], float("-inf")).view(B * S, H, L, W)
+    assert torch.equal(band_bias(pos, S, n_valid), expect)
+    probs = band_softmax(q, kk, pos, S, n_valid)
+    assert torch.allclose(probs, torch.softmax(q @ kk.transpose(-1, -2) + expect, -1), atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b, c: band_softmax(a, b, c, S, n_valid), (q, kk, pos))
+    finite = visible[None, :, None].expand(B, S, H, L, W).reshape(B * S, H, L, W)
+    assert torch.autograd.gradcheck(lambda c: band_bias(c, S, n_valid)[finite], (pos,))
+
+
 @pytest.mark.parametrize("segment_len", [1, 3, 5, 8, 40])
 def test_segmented_attention_equals_direct_computation(segment_len):
     model = tiny_model(segment_len=segment_len)
@@ -82,6 +113,35 @@ def test_memory_carried_across_chunks_equals_whole_sequence(chunks):
             outs.append(h)
             start += n
     assert torch.allclose(torch.cat(outs, 1), ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("segment_len", [1, 3, 5, 8, 40])
+def test_training_path_equals_direct_computation_with_gradients(segment_len):
+    """With gradients on CPU the attention takes the explicit band-softmax path, not SDPA: same
+    outputs and the same parameter gradients as the definition."""
+    model = tiny_model(segment_len=segment_len)
+    idx = torch.randint(0, 50, (2, 23))
+    ref = reference_forward(model, idx)
+    w = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad((ref * w).sum(), list(model.parameters()), allow_unused=True)
+    h, _ = model(idx)
+    assert torch.allclose(h, ref, atol=1e-6, rtol=0)
+    grads = torch.autograd.grad((h * w).sum(), list(model.parameters()), allow_unused=True)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        assert (g is None) == (r is None), name
+        if g is not None:
+            assert torch.allclose(g, r, atol=1e-8, rtol=1e-6), name
+
+
+def test_training_path_with_partial_memory_equals_whole_sequence():
+    model = tiny_model(segment_len=2)  # several segments reach before a 3-position memory
+    idx = torch.randint(0, 50, (1, 11))
+    ref = reference_forward(model, idx)
+    with torch.no_grad():
+        _, mem = model(idx[:, :3])
+    assert mem.n_valid == 3
+    h, _ = model(idx[:, 3:], mem)
+    assert h.requires_grad and torch.allclose(h, ref[:, 3:], atol=1e-6, rtol=0)
 
 
 def test_first_segment_masks_missing_past():

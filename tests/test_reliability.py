@@ -233,7 +233,8 @@ def test_signals_save_release_the_guard_and_exit_130_143(results_root, tmp_path)
         err = tail(tmp_path / f"{k}.err")
         assert k in sent and k in ended, (k, "never signalled or never ended", err)
         assert p.returncode == jobs[k][3], (k, p.returncode, err)
-        assert ended[k] - sent[k] < 10, (k, ended[k] - sent[k])
+        # seconds, not the minutes a pass would take; loose because four stages share two cores under CI load
+        assert ended[k] - sent[k] < 30, (k, ended[k] - sent[k])
         assert "Traceback" not in err, (k, err)
     for name, stage in (("sigint", "train"), ("sigterm_val", "train"), ("pruneuniform0.5_t", "prune")):
         rd = RunDir(name)
