@@ -4,10 +4,12 @@
 
 Everything is measured in one process, side by side, so ratios are comparable on a noisy machine:
 the fp32 matmul rate is measured right before and right after every case, and the case's MFU is
-given against their mean (``*_mfu``) and against the higher of the two (``*_mfu_vs_max``). Training is
-timed after ``--warmup`` steps, once the allocator's heap has reached its working size (the minor
-page faults of the timed steps are reported). Model shapes are read from ``conf/model``; synthetic
-tokens follow the test-set bin fractions of WikiText-103 (198232/35479/11858 of 245,569).
+given against their mean (``*_mfu``) and against the higher of the two (``*_mfu_vs_max``).
+Training is timed after ``--warmup`` steps, once the allocator's heap has reached its working size
+(the minor page faults of the timed steps are reported), over at least ``--steps`` steps and
+``--min-seconds`` (tokens/s over the whole window; the median step is reported beside it). Model
+shapes are read from ``conf/model``; synthetic tokens follow the test-set bin fractions of
+WikiText-103 (198232/35479/11858 of 245,569).
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def forward_flops_per_token(cfg: ModelConfig, bin_fractions: tuple[float, ...], 
     return flops
 
 
-def bench_case(name: str, steps: int, warmup: int, tmp: Path) -> dict:
+def bench_case(name: str, steps: int, warmup: int, min_seconds: float, tmp: Path) -> dict:
     cfg = model_config(name)
     batch, chunk, eval_tokens = CASES[name][2:]
     tokens = synthetic_tokens(cfg, 400_000)
@@ -102,10 +104,14 @@ def bench_case(name: str, steps: int, warmup: int, tmp: Path) -> dict:
     for _ in range(warmup):  # allocator heap, kernels
         trainer.train_step()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step_s: list[float] = []
     t0 = time.perf_counter()
-    for _ in range(steps):
+    while len(step_s) < steps or time.perf_counter() - t0 < min_seconds:  # short steps: a longer window
+        t = time.perf_counter()
         trainer.train_step()
+        step_s.append(time.perf_counter() - t)
     train_s = time.perf_counter() - t0
+    steps = len(step_s)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
     train_tok_s = steps * batch * chunk / train_s
     evaluate_stream(trainer.model, tokens[:4033], 4032, "cpu")  # warm-up
@@ -120,7 +126,8 @@ def bench_case(name: str, steps: int, warmup: int, tmp: Path) -> dict:
     return {
         "case": name, "params": count_parameters(trainer.model), "batch": batch, "chunk_len": chunk,
         "segment_len": cfg.segment_len, "dropout": cfg.dropout, "train_steps": steps, "warmup_steps": warmup,
-        "train_page_faults_per_step": faults,
+        "train_page_faults_per_step": faults, "train_seconds": train_s,
+        "train_tokens_per_s_median_step": batch * chunk / float(np.median(step_s)),
         "train_tokens_per_s": train_tok_s, "eval_tokens_per_s": eval_tok_s,
         "eval_cache3000_tokens_per_s": eval_cache_tok_s, "eval_cache3000_time_ratio": eval_tok_s / eval_cache_tok_s,
         "train_gflop_per_token": 3 * forward_flops_per_token(cfg, fr, all_tails=False) / 1e9,
@@ -134,6 +141,7 @@ def main() -> None:
     ap.add_argument("--cases", default="8.3M,wt2_default")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--min-seconds", type=float, default=20.0, help="time training for at least this long")
     args = ap.parse_args()
     torch.manual_seed(0)
     import tempfile
@@ -142,7 +150,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.cases.split(","):
             before = matmul_gflops()
-            row = bench_case(name, args.steps, args.warmup, Path(tmp))
+            row = bench_case(name, args.steps, args.warmup, args.min_seconds, Path(tmp))
             after = matmul_gflops()
             row["matmul_gflops"] = {"before": before, "after": after}
             for kind in ("train", "eval"):

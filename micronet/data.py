@@ -10,34 +10,24 @@ looks complete.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import tarfile
-import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
-import zipfile
-import zlib
 from array import array
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Union
 
 import enlighten
 import numpy as np
 
-from micronet.config import MicronetError
+from micronet.fetch import (DataError, Progress, atomic_path, download, mib_bar, progress_manager,  # noqa: F401
+                            sha256_file)
 from micronet.paths import PROJECT_ROOT, data_root
-from micronet.progress import manager as shared_manager
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +52,6 @@ _KNOWN_SHA256: dict[str, dict[str, str]] = {
 }
 _DEFAULT_URLS = {"wikitext-103": WIKITEXT103_URL}
 _CHUNK_TOKENS = 1 << 20  # ids buffered before being copied into the output array
-
-
-class DataError(MicronetError, ValueError):
-    """A corpus file is missing, empty, corrupt or inconsistent (message says which and what to do)."""
 
 
 @dataclass
@@ -111,21 +97,7 @@ class Corpus:
         return len(self.vocab)
 
 
-Progress = Union[bool, None, enlighten.Manager]  # bars on/off, or a caller's enlighten manager
 
-
-@contextlib.contextmanager
-def _manager(progress: Progress) -> Iterator[enlighten.Manager | None]:
-    if progress is not True:
-        yield None if progress is False else progress
-        return
-    yield shared_manager()  # the process-wide manager: one per process owns the terminal
-
-
-def _bar(manager: enlighten.Manager | None, total_bytes: int, desc: str) -> enlighten.Counter | None:
-    if manager is None:
-        return None
-    return manager.counter(total=max(1, total_bytes >> 20), desc=desc, unit="MiB", leave=False)
 
 
 def _read_lines(path: Path, manager: enlighten.Manager | None) -> Iterator[list[str]]:
@@ -133,7 +105,7 @@ def _read_lines(path: Path, manager: enlighten.Manager | None) -> Iterator[list[
     if not path.is_file():
         raise DataError(f"{path}: file not found; put it there or point data.raw_dir at its folder")
     offset = lineno = 0
-    bar = _bar(manager, path.stat().st_size, path.name)
+    bar = mib_bar(manager, path.stat().st_size, path.name)
     with open(path, "rb") as f:
         # Binary lines so the byte offset of a bad byte is known; lines end at b"\n"
         # only (a lone "\r" is whitespace here; WikiText has none).
@@ -163,7 +135,7 @@ def count_words(path: str | os.PathLike, progress: Progress = False) -> tuple[Co
     """
     counts: Counter[str] = Counter()
     total = 0
-    with _manager(progress) as manager:
+    with progress_manager(progress) as manager:
         for words in _read_lines(Path(path), manager):
             counts.update(words)
             counts[EOS] += 1
@@ -197,7 +169,7 @@ def tokenize_file(
         raise DataError(f"{path}: the vocabulary has no {EOS!r}; build it with count_words/build_vocab")
     eos, lookup = word_to_id[EOS], word_to_id.__getitem__
     buf, pos = array("i"), 0
-    with _manager(progress) as manager:
+    with progress_manager(progress) as manager:
         for lineno, words in enumerate(_read_lines(path, manager), 1):
             try:
                 buf.extend(map(lookup, words))
@@ -226,96 +198,6 @@ def _flush(out: np.ndarray, pos: int, buf: array, path: Path) -> int:
     return end
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@contextlib.contextmanager
-def _atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``final``; rename it onto ``final`` only on success."""
-    # Not mkstemp: its 0600 mode would make shared caches unreadable; open("x") honours umask.
-    tmp = final.parent / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    open(tmp, "xb").close()
-    try:
-        yield Path(tmp)
-        os.replace(tmp, final)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def download(url: str, dest_dir: Path, progress: Progress = True) -> Path:
-    """Download a zip into ``dest_dir``, extract it there and return the folder with its files.
-
-    A single top-level folder in the zip (``wikitext-103/...``) is stripped, so the split
-    files land directly in ``dest_dir``. The zip is fetched to a temp file and renamed when
-    complete; it is deleted after a successful extraction, or when it proves corrupt.
-    """
-    dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    zip_path = dest_dir / (PurePosixPath(urllib.parse.urlparse(url).path).name or "download.zip")
-    if not zip_path.is_file():  # a complete zip from an interrupted earlier run is reused
-        _fetch(url, zip_path, progress)
-    try:
-        _extract_zip(zip_path, dest_dir)
-    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-        zip_path.unlink(missing_ok=True)
-        raise DataError(
-            f"{zip_path} (from {url}) is not a valid zip ({e}); it was deleted, run again to "
-            f"re-download, or unpack the split files into {dest_dir} by hand"
-        ) from None
-    zip_path.unlink()
-    return dest_dir
-
-
-def _fetch(url: str, final: Path, progress: Progress) -> None:
-    hint = f"check data.url, or download the zip by hand and unpack its split files into {final.parent}"
-    try:
-        with urllib.request.urlopen(url, timeout=60) as resp, _atomic_path(final) as tmp:
-            expected = int(resp.headers.get("Content-Length") or 0)
-            got = 0
-            with open(tmp, "wb") as f, _manager(progress) as manager:
-                bar = _bar(manager, expected, f"download {final.name}")
-                while chunk := resp.read(1 << 20):
-                    f.write(chunk)
-                    got += len(chunk)
-                    if bar is not None:
-                        bar.update()
-                if bar is not None:
-                    bar.close()
-            # http.client does not complain when a known-length body ends early.
-            if expected and got != expected:
-                raise DataError(f"download of {url} stopped after {got} of {expected} bytes; {hint}")
-    except urllib.error.HTTPError as e:
-        raise DataError(f"download of {url} failed: HTTP {e.code} {e.reason}; {hint}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise DataError(f"download of {url} failed: {e}; {hint}") from None
-
-
-def _extract_zip(zip_path: Path, dest_dir: Path) -> None:
-    with zipfile.ZipFile(zip_path) as zf:
-        members = [i for i in zf.infolist() if not i.is_dir() and not i.filename.startswith("__MACOSX/")]
-        parts = [PurePosixPath(i.filename).parts for i in members]
-        if not members or any(p[0] == "/" or ".." in p for p in parts):
-            raise zipfile.BadZipFile("no files, or unsafe member paths")
-        strip = 1 if len({p[0] for p in parts}) == 1 and all(len(p) > 1 for p in parts) else 0
-        # Extract everything to a temp folder first, so a bad member leaves no split files.
-        with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".extract-") as tmp:
-            rels = [Path(*p[strip:]) for p in parts]
-            for info, rel in zip(members, rels):
-                (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(Path(tmp) / rel, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-            for rel in rels:
-                (dest_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-                os.replace(Path(tmp) / rel, dest_dir / rel)
-
-
 def _extract_shipped(raw_dir: Path) -> None:
     if not SHIPPED_WIKITEXT2.is_file():
         raise DataError(f"{SHIPPED_WIKITEXT2}: shipped WikiText-2 archive missing; restore it from git")
@@ -327,7 +209,7 @@ def _extract_shipped(raw_dir: Path) -> None:
         for member in tf:
             if member.isfile():
                 final = raw_dir / PurePosixPath(member.name).name
-                with _atomic_path(final) as tmp, open(tmp, "wb") as dst:
+                with atomic_path(final) as tmp, open(tmp, "wb") as dst:
                     shutil.copyfileobj(tf.extractfile(member), dst, 1 << 20)
 
 
@@ -392,7 +274,7 @@ def prepare(cfg: DataConfig, progress: Progress = True) -> Path:
     if _cache_is_current(cache_dir, raw_dir, sources):
         return cache_dir
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / ".lock", "a") as lock, _manager(progress) as manager:
+    with open(cache_dir / ".lock", "a") as lock, progress_manager(progress) as manager:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder (and downloader) per cache at a time
         if not _cache_is_current(cache_dir, raw_dir, sources):  # another process may have built it
             _build(cfg, raw_dir, cache_dir, sources, manager)
@@ -425,16 +307,16 @@ def _build(cfg: DataConfig, raw_dir: Path, cache_dir: Path, sources: dict[str, P
     tokens = {"train": n_train, **{s: len(ids) for s, ids in held_out.items()}}
     # An old manifest must never vouch for half-rewritten arrays.
     (cache_dir / MANIFEST).unlink(missing_ok=True)
-    with _atomic_path(cache_dir / "train.npy") as tmp:
+    with atomic_path(cache_dir / "train.npy") as tmp:
         # Second pass straight into a memmapped .npy: WikiText-103 never sits in RAM as a list.
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(n_train,))
         tokenize_file(sources["train"], word_to_id, out=mm, progress=manager)
         mm.flush()
         del mm
     for s, ids in held_out.items():
-        with _atomic_path(cache_dir / f"{s}.npy") as tmp, open(tmp, "wb") as f:
+        with atomic_path(cache_dir / f"{s}.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, ids)
-    with _atomic_path(cache_dir / "vocab.txt") as tmp:
+    with atomic_path(cache_dir / "vocab.txt") as tmp:
         tmp.write_text("".join(w + "\n" for w in vocab), encoding="utf-8")
 
     manifest = {
@@ -447,7 +329,7 @@ def _build(cfg: DataConfig, raw_dir: Path, cache_dir: Path, sources: dict[str, P
         "eos": EOS,
         "vocab_order": "training frequency, descending; ties keep first-occurrence order in train",
     }
-    with _atomic_path(cache_dir / MANIFEST) as tmp:
+    with atomic_path(cache_dir / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
