@@ -96,8 +96,11 @@ class Corpus:
         """Number of words in the vocabulary (including ``<eos>``)."""
         return len(self.vocab)
 
-
-
+    def fingerprint(self) -> dict:
+        """What a checkpoint records of its data: name, vocabulary size, tokens and sha256 per split."""
+        files = self.manifest.get("files", {})
+        return {"name": self.manifest.get("name"), "vocab_size": self.vocab_size,
+                "tokens": self.manifest.get("tokens"), "sha256": {s: f.get("sha256") for s, f in files.items()}}
 
 
 def _read_lines(path: Path, manager: enlighten.Manager | None) -> Iterator[list[str]]:

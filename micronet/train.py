@@ -111,7 +111,7 @@ class Trainer:
             "model_config": as_dict(self.model_cfg), "data_config": as_dict(self.data_cfg),
             "cache_config": as_dict(self.cache_cfg),
             "hebbian": self.hebbian.state_dict() if self.hebbian is not None else None,
-            "data_manifest": {k: self.corpus.manifest.get(k) for k in ("vocab_size", "tokens", "sha256")},
+            "data_manifest": self.corpus.fingerprint(),
             "bad_steps": self.bad_steps, "pending_losses": list(self.pending_losses),
             "pending_validation": self.pending_validation,
             "code": code_version(), **(self.extra_state or {}),

@@ -6,6 +6,7 @@ import json
 import multiprocessing as mp
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ import torch
 from conftest import TINY_MODEL, TINY_TRAIN, compose_cfg, run_cli
 from micronet import evaluate, train
 from micronet.config import ConfigError
+from micronet.data import DataConfig, load_corpus
+from micronet.fetch import sha256_file
 from micronet.results import CheckpointError, GuardError, RunDir, load_checkpoint_file
 
 
@@ -31,6 +34,12 @@ def test_train_writes_the_results_contract(results_root):
     assert ckpt["step"] == 6 and ckpt["tokens"] == 6 * 2 * 32
     assert {"model", "optimizer", "rng", "model_config", "data_config"} <= set(ckpt)
     assert last["step"] == 6 and last["val_ppl"] > 1
+    data = ckpt["data_manifest"]  # the exact data the run saw: sha256 of every split's source file
+    corpus = load_corpus(DataConfig(**ckpt["data_config"]), progress=False)
+    source = Path(corpus.manifest["source_dir"])
+    assert data["vocab_size"] == ckpt["model_config"]["vocab_size"] == corpus.vocab_size
+    assert data["sha256"] == {s: sha256_file(source / f["file"]) for s, f in corpus.manifest["files"].items()}
+    assert set(data["sha256"]) == {"train", "valid", "test"}
 
 
 def test_resume_continues_bit_for_bit(results_root):
