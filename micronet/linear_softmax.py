@@ -3,9 +3,10 @@
 ``target_log_prob(x, W, b, t)[n] = log softmax(x[n] @ W.T + b)[t[n]]``, computed block by block:
 a block of rows times all words stays in the CPU's last-level cache, so the logits are exponentiated
 and summed while hot, with one exp pass and no log-softmax output or its backward. The backward either
-reads the probabilities kept by the forward (the default: fastest measured, for every bin width) or,
-with ``keep_probs=False``, recomputes each block's logits (one extra matmul, and no (rows x words)
-buffer: the 8.3M model's rare-word bin is 242,735 words wide, about 0.8 GB of fp32 per training batch).
+turns the probabilities kept by the forward into the logit gradient in place and runs its matmuls over
+all rows at once (the default: fastest measured, for every bin width), or, with ``keep_probs=False``,
+recomputes each block's logits (one extra matmul, and no (rows x words) buffer: the 8.3M model's
+rare-word bin is 242,735 words wide, about 0.8 GB of fp32 per training batch).
 
 Measured on the 8.3M training batch (14 x 1152 tokens, one thread), side by side in one process:
 see ``bench/softmax.py``.
@@ -19,6 +20,8 @@ import torch
 BLOCK_ELEMS = 1 << 21
 # Inner dimension from which keeping the probabilities beats recomputing them (measured: bench/softmax.py).
 KEEP_PROBS_MIN_DIM = 1
+# Inner dimension below which the backward runs its two matmuls transposed (measured: bench/softmax.py).
+NARROW_DIM = 16
 
 
 def _rows_per_block(n_words: int, block_elems: int) -> int:
@@ -63,19 +66,32 @@ class _LinearTargetLogProb(torch.autograd.Function):
             gx = torch.empty_like(xw) if ctx.needs_input_grad[0] else None
             gw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
             gb = torch.zeros_like(b) if b is not None and ctx.needs_input_grad[2] else None
-            R = _rows_per_block(w.shape[0], ctx.block_elems)
+            # Narrow bins (the rare-word tails, d of 4-8): MKL runs (R, V) @ (V, d) and (V, R) @ (R, d) several
+            # times faster as their transposes, (d, V) @ (V, R) and (d, R) @ (R, V) (bench/softmax.py).
+            narrow = w.shape[1] < NARROW_DIM
+            # Kept probabilities: all rows at once, since the matmuls of one block are thin (R = 8 rows in the
+            # 8.3M model's 242,735-word bin) and its per-block weight-gradient adds cost more than the matmuls.
+            R = x.shape[0] if probs is not None else _rows_per_block(w.shape[0], ctx.block_elems)
             for a in range(0, x.shape[0], R):
                 xa, ga = xw[a : a + R], g[a : a + R, None]  # (R, d), (R, 1)
                 if probs is not None:
-                    dl = probs[a : a + R] * -ga  # (R, V)
+                    # The kept probabilities become the logit gradient in place, with no second (R, V) buffer;
+                    # autograd's version counter refuses a second backward through them (retain_graph).
+                    dl = probs[a : a + R].mul_(-ga)  # (R, V)
                 else:  # recompute this block's softmax
                     dl = _logits(xa, w, b).sub_(lse[a : a + R, None]).exp_().mul_(-ga)  # (R, V)
                 # d log p_t / d logits = onehot(t) - softmax, scaled by the incoming gradient.
                 dl.scatter_add_(1, target[a : a + R, None], ga)
                 if gx is not None:
-                    torch.mm(dl, w, out=gx[a : a + R])
+                    if narrow:
+                        gx[a : a + R] = torch.mm(w.T, dl.T).T  # (d, V) @ (V, R) -> (R, d)
+                    else:
+                        torch.mm(dl, w, out=gx[a : a + R])
                 if gw is not None:
-                    gw.addmm_(dl.T, xa)
+                    if narrow:
+                        gw += torch.mm(xa.T, dl).T  # (d, R) @ (R, V) -> (V, d)
+                    else:
+                        gw.addmm_(dl.T, xa)
                 if gb is not None:
                     gb += dl.sum(0)
         return (gx.to(x.dtype) if gx is not None else None, gw.to(weight.dtype) if gw is not None else None,

@@ -7,15 +7,17 @@ import torch
 import torch.nn.functional as F
 
 from micronet.adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax, init_adaptive
-from micronet.linear_softmax import target_log_prob
+from micronet.linear_softmax import NARROW_DIM, target_log_prob
 
 
 @pytest.mark.parametrize("block_elems", [1, 7 * 13, 1 << 21])  # one row per block, ragged blocks, one block
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("keep_probs", [True, False])
-def test_matches_log_softmax_gather(block_elems, with_bias, keep_probs):
+@pytest.mark.parametrize("d", [5, 20])  # the transposed (narrow) and the plain backward matmuls
+def test_matches_log_softmax_gather(block_elems, with_bias, keep_probs, d):
+    assert (d < NARROW_DIM) == (d == 5)
     g = torch.Generator().manual_seed(0)
-    N, d, V = 23, 5, 13
+    N, V = 23, 13
     x = torch.randn(N, d, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(V, d, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(V, dtype=torch.float64, generator=g, requires_grad=True) if with_bias else None
@@ -31,6 +33,21 @@ def test_matches_log_softmax_gather(block_elems, with_bias, keep_probs):
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
     for a, r in zip(grads, ref_grads):
         torch.testing.assert_close(a, r, rtol=0, atol=1e-12)
+
+
+def test_second_backward_through_consumed_probabilities_raises():
+    """The backward turns the kept probabilities into the gradient in place: a retained graph must not
+    silently give a wrong second gradient (autograd's version check); keep_probs=False allows it."""
+    x, w = torch.randn(4, 3, requires_grad=True), torch.randn(6, 3)
+    t = torch.tensor([0, 5, 2, 2])
+    out = target_log_prob(x, w, None, t).sum()
+    (g1,) = torch.autograd.grad(out, x, retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out, x)
+    out = target_log_prob(x, w, None, t, keep_probs=False).sum()
+    grads = [torch.autograd.grad(out, x, retain_graph=True)[0] for _ in range(2)]
+    torch.testing.assert_close(grads[0], g1)
+    torch.testing.assert_close(grads[1], g1)
 
 
 def test_fp32_inputs_and_empty_rows():
