@@ -1,0 +1,36 @@
+"""bench/summary.py reads every bench's JSON as the benches write it (the copies in docs/bench/)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _summary():
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_summary", ROOT / "bench" / "summary.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_bench_json_gives_rows_and_the_table_has_the_matmul_rate():
+    summary = _summary()
+    assert set(summary.ROWS) == set(summary.BENCHES)
+    entries = []
+    for name in summary.BENCHES:
+        data = json.loads((ROOT / "docs" / "bench" / f"{name}.json").read_text())
+        rows = summary.ROWS[name](data)
+        assert rows and all(fig and value for fig, value, _ in rows), name
+        entries.append({"bench": name, "matmul_gflops": {"before": 170.4, "after": 181.6}, "rows": rows})
+    entries.append({"bench": "memory", "matmul_gflops": {"before": 1.0, "after": 2.0}, "error": "no such run"})
+    table = summary.markdown(entries).splitlines()
+    assert len(table) == 2 + sum(len(e.get("rows", [])) or 1 for e in entries)
+    assert all(line.endswith("| 170 / 182 |") for line in table[2:-1])
+    assert table[-1] == "| memory | failed: no such run | | 1 / 2 |"
+    targets = {fig: target for e in entries for fig, _, target in e.get("rows", [])}
+    assert targets["train MFU, 8.3M"] == ">= 55%" and targets["train MFU, wt2_default"] == ">= 45%"
