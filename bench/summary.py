@@ -126,7 +126,7 @@ def run_bench(name: str, out_dir: Path) -> dict:
     before = matmul_gflops()
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(HERE / f"{name}.py"), *BENCHES[name], "--out", str(out)],
-                          capture_output=True, text=True, env=os.environ.copy())
+                          capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     after = matmul_gflops()
     entry: dict = {"bench": name, "args": BENCHES[name], "seconds": seconds,

@@ -47,6 +47,20 @@ def compose_cfg(config_name: str, overrides: list[str]):
         return compose(config_name=config_name, overrides=overrides)
 
 
+def load_bench(name: str):
+    """Import ``bench/<name>.py`` as a module (the bench folder is not a package; its scripts import
+    each other by name, so it goes on sys.path)."""
+    import importlib.util
+
+    bench = PROJECT_ROOT / "bench"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", bench / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def run_cli(module: str, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``python -m <module> args`` from a neutral working directory."""
     full_env = {**os.environ, **(env or {})}

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
+
+from conftest import load_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _summary():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_summary", ROOT / "bench" / "summary.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_every_bench_json_gives_rows_and_the_table_has_the_matmul_rate():
-    summary = _summary()
+    summary = load_bench("summary")
     assert set(summary.ROWS) == set(summary.BENCHES)
     entries = []
     for name in summary.BENCHES:

@@ -1,13 +1,13 @@
 """MicroNet scorer: the paper's published figures, hand-derived op counts, counting.py agreement, inputs."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch.nn.utils import parametrize, prune
+
+from conftest import load_bench
 
 from micronet.model import ModelConfig, TransformerLM, count_parameters
 from micronet.schedules import PRUNE_TARGETS_0477, final_densities, prune_targets
@@ -31,17 +31,13 @@ from micronet.score import (
     score_model,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL = ModelConfig(vocab_size=267735)
 TINY = dict(vocab_size=50, d_model=16, n_layer=2, n_head=2, d_head=4, d_ff=24, n_seq=5, segment_len=5,
             cutoffs=[10, 30], bin_dims=[16, 8, 2])
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("reproduce_paper_score", ROOT / "bench" / "reproduce_paper_score.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("reproduce_paper_score")
 
 
 @pytest.fixture(scope="module")
