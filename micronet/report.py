@@ -1,269 +1,187 @@
-"""Library behind the notebooks: the runs table, score breakdowns and plots (+ data set-up).
+"""Library behind the notebooks: runs table, score breakdowns and plots (+ data set-up).
 
-``evaluate.ipynb`` and ``setup_data.ipynb`` only call functions from here; the data set-up ones
-live in :mod:`micronet.report_data` and are re-exported. Typical use::
+``evaluate.ipynb`` and ``setup_data.ipynb`` only call functions from here. Runs and the table live in
+:mod:`micronet.report_runs`, data set-up in :mod:`micronet.report_data`, the sweep in
+:mod:`micronet.report_sweep`, figure helpers in :mod:`micronet.report_layout`; all re-exported::
 
     rows = collect_runs()                      # every run under results/
     print(runs_table(rows, fmt="text"))
     fig = plot_ppl_vs_score(rows, convention="paper")
     save_figure(fig, "ppl_vs_score.png")
 
-Figures are built with matplotlib's object API (``Figure``, never pyplot): they render headless
-with the Agg canvas and inline in Jupyter after ``%matplotlib inline``; importing this module
-changes no global state.
+Every plot is drawn from a ``*_data`` function (points, groups, labels, limits) that tests assert on.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
-import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
-import yaml
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
-from micronet.config import MicronetError
-from micronet.paths import results_root
-from micronet.report_data import (  # re-exported for the notebooks
-    DEFAULT_CUTOFFS,
-    checksum_rows,
-    data_config,
-    format_split_statistics,
-    format_table,
-    print_checksums,
-    print_split_statistics,
-    read_sha256sums,
-    setup_data,
-    split_statistics,
+from micronet.paths import PROJECT_ROOT, results_root
+from micronet.report_data import (  # noqa: F401  (re-exported for the notebooks)
+    DATASET_MODELS, DEFAULT_CUTOFFS, checksum_rows, data_config, format_split_statistics, format_table,
+    model_cutoffs, print_checksums, print_split_statistics, read_sha256sums, setup_data, split_statistics,
 )
+from micronet.report_layout import figure_axes, label_boxes, padded_range, place_labels, save_figure, spread
+from micronet.report_runs import (  # noqa: F401
+    CONVENTIONS, MISSING, check_convention, collect_runs, dataset_label, pick_run, read_training_curve, run_names,
+    runs_notes, runs_table, token_offset, validation_condition,
+)
+from micronet.report_sweep import plot_sweep, sweep_points  # noqa: F401
 
-__all__ = [
-    "CONVENTIONS", "DEFAULT_CUTOFFS", "PPL_TARGET", "REFERENCE_POINTS", "checksum_rows", "collect_runs", "data_config",
-    "format_split_statistics", "format_table", "load_score", "pick_run", "plot_components", "plot_ppl_vs_score",
-    "plot_training_curves", "print_checksums", "print_split_statistics", "read_sha256sums", "read_training_curve",
-    "run_names", "runs_notes", "runs_table", "save_figure", "setup_data", "split_statistics",
-]
-
-CONVENTIONS = ("paper", "strict")
 PPL_TARGET = 35.0
 """The challenge's WikiText-103 requirement: test perplexity at most 35."""
-
+REFERENCE_DATASET = "wikitext-103"
 REFERENCE_POINTS: dict[str, list[dict]] = {
-    # Spec section 8 (paper convention). The spec gives no test ppl for submission 3; as a valid
-    # challenge entry it met ppl <= 35, so it sits on the 35 line with a "v" marker (an upper bound).
+    # Spec section 8 (paper convention) and the spec's summary (best: test ppl 35.0). The spec gives
+    # no perplexity for submission 3: as a challenge entry it met the limit, so only "<= 35" is known
+    # ("ppl_max"; drawn as an upper bound, never as a point at an invented value).
     "paper": [
-        {"label": "original best: 0.038747 (test ppl 35.0)", "score": 0.038747, "ppl": 35.0, "marker": "*"},
-        {"label": "original submission 3: 0.047516 (test ppl <= 35)", "score": 0.047516, "ppl": 35.0,
-         "marker": "v"},
+        {"label": "original best: 0.038747, test ppl 35.0", "score": 0.038747, "ppl": 35.0},
+        {"label": "original submission 3: 0.047516, test ppl not published (<= 35)", "score": 0.047516,
+         "ppl": None, "ppl_max": 35.0},
     ],
     # The original's best model counted by our strict rules (README; bench/reproduce_paper_score.py).
-    "strict": [{"label": "original best, strict count: 0.044944 (test ppl 35.0)", "score": 0.044944,
-                "ppl": 35.0, "marker": "*"}],
+    "strict": [{"label": "original best, strict count: 0.044944, test ppl 35.0", "score": 0.044944, "ppl": 35.0}],
 }
+STAGE_COLORS = {None: "tab:blue", "distill": "tab:purple", "prune": "tab:orange", "quantize": "tab:green"}
+STAGE_NAMES = {None: "trained", "distill": "distilled", "prune": "pruned", "quantize": "quantized"}
+CACHE_MARKERS = ("o", "D", "^", "s", "v", "P", "X")
+README_RUNS = ("wt2_8.3M", "wt2_8.3M_cache2000_hebbian", "prune0.358_wt2_8.3M",
+               "quantize_prune0.358_wt2_8.3M_step300_cache2000_bits9")
+"""The runs of the README's perplexity-vs-score figure and the table beside it (the WikiText-2 pipeline)."""
 
-# ----------------------------------------------------------------------------- collecting runs
-
-
-def _eval_file(run: Path, step: int | None) -> str:
-    """The eval file that goes with the run's score: same cache size, else the no-cache one."""
-    try:
-        n = int(json.loads((run / f"score_step{step}.json").read_text())["settings"]["n_cache"])
-    except (OSError, ValueError, KeyError, TypeError):
-        n = 0
-    cached = f"eval_step{step}_n{n}.json"
-    return cached if n and (run / cached).exists() else f"eval_step{step}.json"
+# ----------------------------------------------------------------------------- perplexity vs score
 
 
-def _read(path: Path, notes: list[str], loader) -> Any:
-    """Parsed file, or None when missing (silently) or unreadable (with a note)."""
-    if not path.is_file():
-        return None
-    try:
-        return loader(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError) as e:
-        notes.append(f"{path.name} unreadable ({type(e).__name__})")
-        return None
+def short_label(row: Mapping) -> str:
+    """A point label: a pruned run by its schedule, a quantized one by its bits, others by name
+    (the lineage arrows say whose child a point is)."""
+    name = row["name"]
+    if row.get("stage") == "quantize" and row.get("bits"):
+        return f"{row['bits']} bits"
+    if row.get("stage") == "prune" and name.startswith("prune"):
+        return f"pruned {name[5:].split('_', 1)[0]}"
+    return name
 
 
-def _float(v: Any) -> float | None:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
+def _cache_text(n: int | None) -> str:
+    return f"eval cache {n}" if n else "no eval cache"
 
 
-def read_training_curve(path: str | os.PathLike) -> list[dict]:
-    """Rows of a ``train_results.csv``: numeric fields as floats, ``step`` as int; [] when missing.
+def ppl_score_data(rows: Sequence[Mapping], convention: str = "paper", reference: bool = True) -> dict:
+    """What :func:`plot_ppl_vs_score` draws: one panel per dataset, each with its points (one per
+    (run, eval cache): the full test split with the cache the run's score counts), lineage arrows
+    (parent -> child, both in the panel), labels, axis limits, and the original's WikiText-103
+    references only in a WikiText-103 panel. ``left_out``: scored runs not drawn, with the reason."""
+    check_convention(convention)
+    key = f"{convention}_score"
+    panels: dict[str | None, dict] = {}
+    left_out = []
+    for r in rows:
+        if r.get(key) is None:
+            continue
+        if r.get("test_ppl") is None or not math.isfinite(r["test_ppl"]):
+            left_out.append((r["name"], f"no test ppl with {_cache_text(r.get('n_cache'))}"))
+            continue
+        p = panels.setdefault(r.get("dataset"), {"dataset": r.get("dataset"), "points": []})
+        p["points"].append({"name": r["name"], "label": short_label(r), "score": r[key], "ppl": r["test_ppl"],
+                            "n_cache": r.get("n_cache") or 0, "stage": r.get("stage"), "parent": r.get("parent")})
+    out = []
+    for ds, p in sorted(panels.items(), key=lambda kv: str(kv[0])):
+        names = {q["name"] for q in p["points"]}
+        p["arrows"] = [(q["parent"], q["name"]) for q in p["points"] if q["parent"] in names]
+        refs = [dict(x) for x in REFERENCE_POINTS[convention]] if reference and ds == REFERENCE_DATASET else []
+        p["references"], p["target"] = refs, (PPL_TARGET if refs else None)
+        # a bound spans from its value down to the tip of its arrow (3% below)
+        ys = [q["ppl"] for q in p["points"]] + [v for x in refs for v in
+                                                 ([x["ppl"]] if x.get("ppl") else [x["ppl_max"], 0.97 * x["ppl_max"]])]
+        xs = [q["score"] for q in p["points"]] + [x["score"] for x in refs]
+        p["xlog"], p["ylog"] = spread(xs), spread(ys)
+        p["xlim"], p["ylim"] = padded_range(xs, 0.1, p["xlog"]), padded_range(ys, 0.15, p["ylog"])
+        n = len(p["points"])
+        p["title"] = (f"{dataset_label(ds)}: {n} run{'s' * (n != 1)}, full test split, "
+                      "each with the eval cache its score counts")
+        if reference and ds != REFERENCE_DATASET:
+            p["title"] += "\n(the original's WikiText-103 points are another corpus' figures: not drawn here)"
+        out.append(p)
+    return {"convention": convention, "panels": out, "left_out": left_out}
 
-    Rows without a parsable step are skipped, as are fields that are empty or not numbers.
+
+def plot_ppl_vs_score(rows: Sequence[Mapping], convention: str = "paper", reference: bool = True,
+                      annotate: bool = True) -> Figure:
+    """Test perplexity against MicroNet score, one panel per dataset (:func:`ppl_score_data`).
+
+    Colour: how the run was made (trained, distilled, pruned, quantized); marker: its eval cache;
+    grey arrows: parent -> child. The original's points and the ppl-35 limit are WikiText-103 facts,
+    drawn only beside WikiText-103 runs.
     """
-    rows = []
-    try:
-        with open(path, newline="") as f:
-            for r in csv.DictReader(f):
-                vals = {k: x for k, v in r.items() if k and (x := _float(v)) is not None}
-                if "step" in vals:
-                    rows.append({**vals, "step": int(vals["step"])})
-    except (OSError, csv.Error, UnicodeDecodeError):
-        return rows
-    return rows
+    data = ppl_score_data(rows, convention, reference)
+    panels = data["panels"]
+    fig = Figure(figsize=(7.5, 4.8 * max(1, len(panels))), layout="constrained")
+    axes = fig.subplots(max(1, len(panels)), 1, squeeze=False)[:, 0]
+    caches = sorted({q["n_cache"] for p in panels for q in p["points"]})
+    marker = {n: CACHE_MARKERS[i % len(CACHE_MARKERS)] for i, n in enumerate(caches)}
+    for ax, p in zip(axes, panels):
+        at = {q["name"]: (q["score"], q["ppl"]) for q in p["points"]}
+        for q in p["points"]:
+            ax.scatter([q["score"]], [q["ppl"]], s=45, zorder=3, marker=marker[q["n_cache"]], gid="runs",
+                       color=STAGE_COLORS.get(q["stage"], "tab:gray"), edgecolors="black", linewidths=0.4)
+        for parent, child in p["arrows"]:
+            ax.annotate("", at[child], xytext=at[parent], gid="lineage", zorder=2,
+                        arrowprops={"arrowstyle": "->", "color": "0.6", "lw": 0.9, "shrinkA": 5, "shrinkB": 5})
+        if p["target"] is not None:
+            ax.axhline(p["target"], color="tab:red", ls="--", lw=1, gid="ppl-target",
+                       label=f"challenge limit: test ppl {p['target']:g} (WikiText-103)")
+        for ref in p["references"]:
+            if ref.get("ppl") is not None:
+                ax.scatter([ref["score"]], [ref["ppl"]], marker="*", s=140, color="tab:red", zorder=4,
+                           gid="reference", label=f"WikiText-103, {ref['label']}")
+            else:  # an upper bound: a bar at the bound and an arrow down from it, no point
+                ax.annotate("", (ref["score"], 0.97 * ref["ppl_max"]), xytext=(ref["score"], ref["ppl_max"]),
+                            gid="reference-bound", arrowprops={"arrowstyle": "-|>", "color": "tab:red", "lw": 1.2})
+                ax.plot([ref["score"]], [ref["ppl_max"]], ls="", marker="_", ms=14, mew=2, color="tab:red",
+                        gid="reference-bound", label=f"WikiText-103, {ref['label']}")
+        ax.set_xscale("log" if p["xlog"] else "linear")
+        ax.set_yscale("log" if p["ylog"] else "linear")
+        ax.set_xlim(*p["xlim"])
+        ax.set_ylim(*p["ylim"])
+        ax.set_xlabel(f"MicroNet score ({convention} convention; lower is better)")
+        ax.set_ylabel("test perplexity (full split)")
+        ax.set_title(p["title"], fontsize=10)
+    if not panels:
+        axes[0].text(0.5, 0.5, "no scored run with a test ppl: python -m micronet.score name=<run>",
+                     ha="center", transform=axes[0].transAxes)
+        return fig
+    handles = [Line2D([], [], ls="", marker="o", color=STAGE_COLORS[s], label=STAGE_NAMES[s])
+               for s in STAGE_COLORS if any(q["stage"] == s for p in panels for q in p["points"])]
+    handles += [Line2D([], [], ls="", marker=marker[n], color="0.4", label=_cache_text(n)) for n in caches]
+    handles.append(Line2D([], [], color="0.6", label="parent -> child"))
+    refs: list = []
+    for ax in axes:
+        refs += [h for h in ax.get_legend_handles_labels()[0]]
+    ncols = min(len(handles), 4)
+    extra = [Line2D([], [], ls="", label=textwrap.fill("not drawn: " + "; ".join(f"{n} ({why})" for n, why in
+                                                                                 data["left_out"]), 110))]
+    fig.legend(handles=handles, loc="outside lower center", ncols=ncols, fontsize=8)
+    if refs or data["left_out"]:  # the original's points (WikiText-103 panel) and what is not drawn, on top
+        fig.legend(handles=refs + (extra if data["left_out"] else []), loc="outside upper center", fontsize=8)
+    if annotate:
+        for ax, p in zip(axes, panels):
+            refs = [(x["score"], x.get("ppl") or x["ppl_max"]) for x in p["references"]]
+            place_labels(ax, [(q["score"], q["ppl"], q["label"]) for q in p["points"]], avoid=refs)
+    return fig
 
 
-def _steps(run: Path, pattern: str) -> list[int]:
-    return sorted(int(m.group(1)) for p in run.glob("*") if (m := re.fullmatch(pattern, p.name)))
-
-
-def _looks_like_run(path: Path) -> bool:
-    if not path.is_dir() or path.name.startswith("."):
-        return False
-    markers = ("config.yaml", "models", "train_results.csv")
-    return any((path / f).exists() for f in markers) or bool(_steps(path, r"(?:eval|score)_step(\d+)\.json"))
-
-
-def run_names(root: str | os.PathLike | None = None) -> list[str]:
-    """Names of the runs under ``root`` (default: ``results_root()``), sorted."""
-    root = Path(root) if root is not None else results_root()
-    return sorted(p.name for p in root.iterdir() if _looks_like_run(p)) if root.is_dir() else []
-
-
-def collect_runs(names: Sequence[str] | str | None = None, root: str | os.PathLike | None = None) -> list[dict]:
-    """One flat dict per run (``names``, default every run under ``root``), tolerant of missing files.
-
-    Keys: ``name``, ``path``, lineage ``parent``/``parent_step``/``stage`` (from ``config.yaml``'s
-    ``lineage``), ``step`` (newest checkpoint, else newest eval/score/csv step), ``val_ppl`` and
-    ``test_ppl`` (from ``eval_step<S>.json``, else the score file's), ``ppl_source`` (where
-    ``val_ppl`` came from: the eval file, or the last ``train_results.csv`` validation),
-    ``eval_n_cache``, ``bits`` and ``n_cache`` of the score, ``<conv>_params``/``<conv>_ops``/
-    ``<conv>_score`` for both conventions (None when missing), ``score_file`` and ``notes`` (what is
-    missing or odd). A named run that does not exist raises :class:`MicronetError`.
-    """
-    root = Path(root) if root is not None else results_root()
-    if names is None:
-        names = run_names(root)
-    elif isinstance(names, str):
-        names = [names]
-    rows = []
-    for name in names:
-        if not (root / name).is_dir():
-            raise MicronetError(f"no results directory {root / name} (is the name right?)")
-        rows.append(_collect_one(root / name))
-    return rows
-
-
-def _collect_one(run: Path) -> dict:
-    notes: list[str] = []
-    cfg = _read(run / "config.yaml", notes, yaml.safe_load)
-    lineage = cfg.get("lineage") if isinstance(cfg, dict) else None
-    lineage = lineage if isinstance(lineage, dict) else {}
-    curve = read_training_curve(run / "train_results.csv")
-    ckpts = _steps(run / "models", r"model-(\d+)\.pt") if (run / "models").is_dir() else []
-    files = _steps(run, r"(?:eval|score)_step(\d+)\.json")
-    step = (ckpts or files or [r["step"] for r in curve] or [None])[-1]
-    row: dict[str, Any] = {
-        "name": run.name, "path": str(run), "parent": lineage.get("parent"), "parent_step": lineage.get("parent_step"),
-        "stage": lineage.get("stage"), "step": step, "val_ppl": None, "test_ppl": None, "ppl_source": None,
-        "eval_n_cache": None, "bits": None, "n_cache": None, "score_file": None,
-        **{f"{c}_{k}": None for c in CONVENTIONS for k in ("params", "ops", "score")},
-    }
-    if cfg is None and not (run / "config.yaml").exists():
-        notes.append("no config.yaml")
-    if step is None:
-        notes.append("no checkpoint, train_results.csv, eval or score file yet")
-    eval_name = _eval_file(run, step)
-    ev = _read(run / eval_name, notes, json.loads) if step is not None else None
-    if isinstance(ev, dict):
-        for split, key in (("valid", "val_ppl"), ("test", "test_ppl")):
-            if isinstance(ev.get(split), dict) and ev[split].get("ppl") is not None:
-                row[key] = ev[split]["ppl"]
-                row["eval_n_cache"] = (ev[split].get("cache") or {}).get("n_cache", ev.get("n_cache", 0))
-        row["ppl_source"] = eval_name if row["val_ppl"] is not None else None
-    elif step is not None and not (run / eval_name).exists():
-        notes.append(f"no {eval_name}")
-    if row["val_ppl"] is None and curve and "val_ppl" in curve[-1]:
-        row["val_ppl"], row["ppl_source"] = curve[-1]["val_ppl"], "train_results.csv"
-    sc = _read(run / f"score_step{step}.json", notes, json.loads) if step is not None else None
-    if isinstance(sc, dict):
-        row["score_file"] = str(run / f"score_step{step}.json")
-        settings = sc.get("settings") or {}
-        row["bits"], row["n_cache"] = settings.get("bits"), settings.get("n_cache")
-        convs = sc.get("conventions") or {sc.get("convention", "paper"): sc}
-        for c in CONVENTIONS:
-            for k in ("params", "ops", "score"):
-                row[f"{c}_{k}"] = (convs.get(c) or {}).get(k)
-        if row["test_ppl"] is None and sc.get("test_ppl") is not None:
-            row["test_ppl"] = sc["test_ppl"]
-        if row["eval_n_cache"] is not None and row["n_cache"] is not None and row["eval_n_cache"] != row["n_cache"]:
-            notes.append(f"ppl measured with cache {row['eval_n_cache']}, score counts cache {row['n_cache']}")
-    elif step is not None and not (run / f"score_step{step}.json").exists():
-        notes.append(f"no score_step{step}.json")
-    row["notes"] = notes
-    return row
-
-
-def pick_run(rows: Sequence[Mapping], name: str | None = None) -> Mapping | None:
-    """Row ``name``, else the scored run with the lowest paper score (None when nothing is scored)."""
-    if name is not None:
-        for r in rows:
-            if r["name"] == name:
-                return r
-        raise MicronetError(f"run {name!r} is not among {[r['name'] for r in rows]}")
-    scored = [r for r in rows if r.get("score_file") and r.get("paper_score") is not None]
-    return min(scored, key=lambda r: r["paper_score"]) if scored else None
-
-
-def _ppl(x: float) -> str:
-    return f"{x:,.2f}"
-
-
-def _count(x: float) -> str:
-    return f"{x:,.0f}"
-
-
-def runs_table(rows: Sequence[Mapping], fmt: str = "markdown") -> str:
-    """Val/test perplexity, params, ops and score (both conventions) of each run, one line per run.
-
-    A validation ppl taken from ``train_results.csv`` (no eval file) is marked ``*``.
-    """
-    cols = [
-        ("name", "run", str), ("parent", "parent", str), ("step", "step", str),
-        (lambda r: None if r.get("val_ppl") is None else
-         _ppl(r["val_ppl"]) + ("*" if r.get("ppl_source") == "train_results.csv" else ""), "val ppl", str),
-        ("test_ppl", "test ppl", _ppl), ("n_cache", "cache", str), ("bits", "bits", str),
-    ]
-    for c in CONVENTIONS:
-        cols += [(f"{c}_params", f"{c} params", _count), (f"{c}_ops", f"{c} ops", _count),
-                 (f"{c}_score", f"{c} score", lambda x: f"{x:.6f}")]
-    table = format_table(rows, cols, fmt)
-    if any(r.get("ppl_source") == "train_results.csv" for r in rows):
-        table += "\n\n* validation ppl of the last training validation (no eval_step<S>.json)"
-    return table
-
-
-def runs_notes(rows: Sequence[Mapping]) -> str:
-    """What is missing per run (one line each), e.g. which stage still has to be run."""
-    return "\n".join(f"{r['name']}: {'; '.join(r['notes'])}" for r in rows if r.get("notes")) or "nothing missing"
-
-
-# ----------------------------------------------------------------------------- plots
-
-
-def _figure_axes(ax: Axes | None, size: tuple[float, float] = (7.5, 5.0)) -> tuple[Figure, Axes]:
-    if ax is not None:
-        return ax.figure, ax
-    fig = Figure(figsize=size, layout="constrained")
-    return fig, fig.add_subplot()
-
-
-def _spread(values: Sequence[float]) -> bool:
-    """True when positive values span more than a decade (log axis)."""
-    vals = [v for v in values if v and v > 0]
-    return bool(vals) and max(vals) / min(vals) > 10
+# ----------------------------------------------------------------------------- components
 
 
 def load_score(score_json: Mapping | str | os.PathLike | None) -> dict | None:
@@ -278,124 +196,149 @@ def load_score(score_json: Mapping | str | os.PathLike | None) -> dict | None:
     return json.loads(Path(score_json).read_text(encoding="utf-8"))
 
 
-def plot_components(score_json: Mapping | str | os.PathLike | None, ax: Sequence[Axes] | None = None,
-                    group_layers: bool = True) -> Figure:
-    """Per-component params and ops (muls x width/32, adds, others stacked) of a scored run.
+def _group_layers(comps: Sequence[Mapping]) -> list[dict]:
+    """Merge ``layers.<L>.<x>`` components into ``layers.*.<x>`` (sums over layers)."""
+    out: dict[str, dict] = {}
+    for c in comps:
+        parts = c["component"].split(".")
+        key = ".".join(["layers", "*", *parts[2:]]) if parts[0] == "layers" and parts[1].isdigit() else c["component"]
+        g = out.setdefault(key, {"component": key, **{f: 0.0 for f in ("params", "mul_ops", "adds", "others")}})
+        for f in ("params", "mul_ops", "adds", "others"):
+            g[f] += float(c.get(f) or 0.0)
+    return list(out.values())
 
-    ``score_json``: a ``score_step<S>.json`` path or dict, or a :func:`collect_runs` row (the file's
-    main convention's components); None, or a row without a score, draws a note instead. ``ax``: a
-    pair of axes (params, ops), else a new figure. Layers are summed into ``layers.*.<x>`` like
-    ``micronet.score.render_table(group_layers=True)``.
+
+def component_data(score_json: Mapping | str | os.PathLike | None, convention: str = "paper",
+                   group_layers: bool = True) -> dict:
+    """What :func:`plot_components` draws: components, their params and ops (mul ops, adds, others),
+    axis limits with headroom, the title; or ``note`` when there is nothing to draw."""
+    check_convention(convention)
+    s = load_score(score_json)
+    if s is None:
+        return {"note": "no scored run: python -m micronet.score name=<run>"}
+    conv = (s.get("conventions") or {}).get(convention) or {}
+    comps = conv.get("components") or (s.get("components") if s.get("convention", "paper") == convention else None)
+    if not comps:
+        total = conv.get("score", float("nan"))
+        return {"note": f"{s.get('name', '?')}: the score file holds the per-component counts of the "
+                        f"{s.get('convention')} convention only ({convention} score {total:.6f}); "
+                        f"python -m micronet.score name={s.get('name', '<run>')} convention={convention} "
+                        "writes them (as the file's main convention)"}
+    comps = _group_layers(comps) if group_layers else [dict(c) for c in comps]
+    totals = conv or s
+    ops = [c["mul_ops"] + c["adds"] + c["others"] for c in comps]
+    st = totals.get("settings") or s.get("settings") or {}
+    return {
+        "components": [c["component"] for c in comps], "params": [c["params"] for c in comps],
+        "ops": {k: [c[k] for c in comps] for k in ("mul_ops", "adds", "others")},
+        "params_xlim": (0.0, 1.15 * max([c["params"] for c in comps] + [1.0])),
+        "ops_xlim": (0.0, 1.15 * max(ops + [1.0])),
+        "title": (f"{s.get('name', '?')} step {s.get('step', '?')}, {convention} convention, "
+                  f"{st.get('bits', '?')} bits, {_cache_text(st.get('n_cache'))}: "
+                  f"params {totals.get('params', 0):,.0f}, ops {totals.get('ops', 0):,.0f}, "
+                  f"score {totals.get('score', 0):.6f}"),
+    }
+
+
+def plot_components(score_json: Mapping | str | os.PathLike | None, ax: Sequence[Axes] | None = None,
+                    group_layers: bool = True, convention: str = "paper") -> Figure:
+    """Per-component params and ops per token of a scored run (:func:`component_data`): ops stacked as
+    multiplies weighted by their bit width / 32 ("mul ops"), adds and other ops (exp, div, ...; 32-bit).
+
+    ``score_json``: a ``score_step<S>.json`` path or dict, or a :func:`collect_runs` row. ``ax``: a
+    pair of axes (params, ops), else a new figure.
     """
     if ax is None:
         fig = Figure(figsize=(11, 6), layout="constrained")
         ax = fig.subplots(1, 2, sharey=True)
     ax_p, ax_o = ax
     fig = ax_p.figure
-    s = load_score(score_json)
-    if s is None:
-        ax_p.text(0.5, 0.5, "no scored run: python -m micronet.score name=<run>", ha="center",
-                  transform=ax_p.transAxes)
+    d = component_data(score_json, convention, group_layers)
+    if "note" in d:
+        for a in ax:
+            a.set_axis_off()
+        fig.text(0.5, 0.5, textwrap.fill(d["note"], 100), ha="center", va="center", fontsize=9, gid="note")
         return fig
-    from micronet.score import Row, _group  # lazy: imports torch
-
-    rows = [Row(**{k: c[k] for k in ("component", "params", "muls", "mul_ops", "adds", "others")})
-            for c in s.get("components", [])]
-    rows = _group(rows) if group_layers else rows
-    names = [r.component for r in rows][::-1]
-    pos = range(len(names))
-    ax_p.barh(pos, [r.params for r in rows][::-1], color="tab:blue", gid="params")
-    ax_p.set_yticks(list(pos), names)
+    names = d["components"][::-1]
+    pos = list(range(len(names)))
+    ax_p.barh(pos, d["params"][::-1], color="tab:blue", gid="params")
+    ax_p.set_yticks(pos, names)
+    ax_p.set_xlim(*d["params_xlim"])
     ax_p.set_xlabel("params (32-bit equivalents)")
-    left = [0.0] * len(rows)
+    left = [0.0] * len(names)
+    legend = {"mul_ops": "multiplies x bits/32", "adds": "adds (32-bit)", "others": "others: exp, div, ... (32-bit)"}
     for key, color in (("mul_ops", "tab:orange"), ("adds", "tab:green"), ("others", "tab:gray")):
-        vals = [getattr(r, key) for r in rows][::-1]
-        ax_o.barh(pos, vals, left=left, color=color, label=key.replace("_", " "), gid=f"ops-{key}")
+        vals = d["ops"][key][::-1]
+        ax_o.barh(pos, vals, left=left, color=color, label=legend[key], gid=f"ops-{key}")
         left = [a + b for a, b in zip(left, vals)]
-    ax_o.set_xlabel("ops per token (32-bit equivalents)")
-    ax_o.legend(loc="lower right")
-    fig.suptitle(f"{s.get('name', '?')} step {s.get('step', '?')} ({s.get('convention', '?')} convention): "
-                 f"params {s.get('params', 0):,.0f}, ops {s.get('ops', 0):,.0f}, score {s.get('score', 0):.6f}")
+    ax_o.set_xlim(*d["ops_xlim"])
+    ax_o.set_xlabel("ops per test token (32-bit equivalents)")
+    fig.legend(*ax_o.get_legend_handles_labels(), loc="outside lower right", ncols=3, fontsize=8,
+               title="ops per token, stacked", title_fontsize=8)
+    fig.suptitle(d["title"], fontsize=10)
     return fig
 
 
-def plot_ppl_vs_score(rows: Sequence[Mapping], ax: Axes | None = None, convention: str = "paper",
-                      reference: bool = True, annotate: bool = True) -> Figure:
-    """Perplexity against MicroNet score of every scored run, with the ppl-35 line and the original's
-    published points (``REFERENCE_POINTS``) for reference.
+# ----------------------------------------------------------------------------- training curves
 
-    Runs with a test ppl are filled points (gid ``runs``); runs with only a validation ppl are hollow
-    (gid ``runs-val``); runs without a score are left out. Axes turn logarithmic when the values
-    span more than a decade.
-    """
-    if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-    fig, ax = _figure_axes(ax)
-    key = f"{convention}_score"
-    pts = [(r[key], r.get("test_ppl") if r.get("test_ppl") is not None else r.get("val_ppl"),
-            r["name"], r.get("test_ppl") is not None) for r in rows]
-    pts = [p for p in pts if p[0] is not None and p[1] is not None and math.isfinite(p[1])]
-    for is_test, gid, label in ((True, "runs", "runs (test ppl)"), (False, "runs-val", "runs (validation ppl only)")):
-        sel = [p for p in pts if p[3] == is_test]
-        if sel:
-            ax.scatter([p[0] for p in sel], [p[1] for p in sel], s=40, zorder=3, gid=gid, label=label,
-                       edgecolors="tab:blue", facecolors="tab:blue" if is_test else "none")
-    if annotate:
-        for x, y, name, _ in pts:
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    refs = REFERENCE_POINTS.get(convention, []) if reference else []
-    for ref in refs:
-        ax.scatter([ref["score"]], [ref["ppl"]], marker=ref["marker"], s=120, color="tab:red", zorder=4,
-                   gid="reference", label=ref["label"])
-    ax.axhline(PPL_TARGET, color="tab:red", ls="--", lw=1, gid="ppl-target",
-               label=f"challenge limit: test ppl {PPL_TARGET:g}")
-    xs = [p[0] for p in pts] + [r["score"] for r in refs]
-    ys = [p[1] for p in pts] + [PPL_TARGET]
-    if _spread(xs):
-        ax.set_xscale("log")
-    if _spread(ys):
-        ax.set_yscale("log")
-    ax.set_xlabel(f"MicroNet score ({convention} convention; lower is better)")
-    ax.set_ylabel("perplexity (test; hollow: validation)")
-    ax.set_title(f"perplexity vs score, {len(pts)} run(s)")
-    ax.legend(fontsize=8, loc="best")
-    return fig
+
+def curve_data(names: Sequence[str | Mapping] | str | None = None, root: str | os.PathLike | None = None) -> list[dict]:
+    """What :func:`plot_training_curves` draws: per run with a training log, ``tokens`` (counted from
+    the root of its lineage: a pruned run starts at its parent's tokens), ``val_ppl``, ``offset`` and
+    ``label`` (name and the validation's condition: full split or first N tokens, cache or not)."""
+    base = Path(root) if root is not None else results_root()
+    items = run_names(base) if names is None else ([names] if isinstance(names, str) else names)
+    out = []
+    for item in items:
+        path = Path(item["path"]) if isinstance(item, Mapping) else base / item
+        curve = [r for r in read_training_curve(path / "train_results.csv") if "val_ppl" in r and "tokens" in r]
+        if curve:
+            off = token_offset(path)
+            out.append({"name": path.name, "offset": off, "tokens": [off + r["tokens"] for r in curve],
+                        "val_ppl": [r["val_ppl"] for r in curve],
+                        "label": f"{path.name} (val: {validation_condition(path)})"})
+    return out
 
 
 def plot_training_curves(names: Sequence[str | Mapping] | None = None, root: str | os.PathLike | None = None,
                          ax: Axes | None = None) -> Figure:
-    """Validation perplexity against step from each run's ``train_results.csv`` (one line per run).
-
-    ``names``: run names under ``root`` or rows from :func:`collect_runs`; None: every run.
-    Runs without a training log are skipped.
-    """
-    fig, ax = _figure_axes(ax)
-    base = Path(root) if root is not None else results_root()
-    items = run_names(base) if names is None else ([names] if isinstance(names, str) else names)
-    ppls: list[float] = []
-    for item in items:
-        path = Path(item["path"]) if isinstance(item, Mapping) else base / item
-        curve = [r for r in read_training_curve(path / "train_results.csv") if "val_ppl" in r]
-        if curve:
-            ax.plot([r["step"] for r in curve], [r["val_ppl"] for r in curve], marker=".", label=path.name)
-            ppls += [r["val_ppl"] for r in curve]
-    if not ppls:
+    """Validation perplexity of each run's training log against training tokens (:func:`curve_data`)."""
+    fig, ax = figure_axes(ax, (8.5, 5.5))
+    series = curve_data(names, root)
+    for s in series:
+        ax.plot([t / 1e6 for t in s["tokens"]], s["val_ppl"], marker=".", label=s["label"], gid=f"curve-{s['name']}")
+    ppls = [v for s in series for v in s["val_ppl"]]
+    if not series:
         ax.text(0.5, 0.5, "no train_results.csv found", ha="center", transform=ax.transAxes)
     else:
-        ax.legend(fontsize=8)
-    if _spread(ppls):
+        ax.legend(fontsize=7, loc="upper right")
+    if spread(ppls):
         ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation perplexity")
-    ax.set_title("training curves")
+    ax.set_xlabel("training tokens (millions; a pruned run continues from its parent's)")
+    ax.set_ylabel("validation perplexity (training log)")
+    ax.set_title("training curves: the condition of each validation in the legend", fontsize=10)
     return fig
 
 
-def save_figure(fig: Figure, path: str | os.PathLike | None, dpi: int = 150) -> Path | None:
-    """Save ``fig`` to ``path`` (format from the suffix, parents created); None path: do nothing."""
-    if path is None:
-        return None
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return path
+# ----------------------------------------------------------------------------- the README's figures
+
+
+def readme_figures(root: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
+                   names: Sequence[str] = README_RUNS, convention: str = "paper") -> dict[str, Path]:
+    """Regenerate the README's figures from the runs under ``root`` into ``out_dir`` (default
+    ``docs/``): perplexity vs score of ``names`` and the sparsity x bits sweep of every run."""
+    out = Path(out_dir) if out_dir is not None else PROJECT_ROOT / "docs"
+    rows = collect_runs(root=root)
+    picked = [r for r in rows if r["name"] in set(names)]
+    return {"ppl_vs_score": save_figure(plot_ppl_vs_score(picked, convention), out / "wt2_ppl_vs_score.png"),
+            "sweep": save_figure(plot_sweep(rows, convention), out / "wt2_sweep.png")}
+
+
+__all__ = [
+    "CONVENTIONS", "DATASET_MODELS", "DEFAULT_CUTOFFS", "MISSING", "PPL_TARGET", "README_RUNS", "REFERENCE_POINTS", "checksum_rows",
+    "collect_runs", "component_data", "curve_data", "data_config", "format_split_statistics", "format_table",
+    "label_boxes", "load_score", "model_cutoffs", "pick_run", "plot_components", "plot_ppl_vs_score",
+    "plot_sweep", "plot_training_curves", "ppl_score_data", "print_checksums", "print_split_statistics",
+    "read_sha256sums", "read_training_curve", "readme_figures", "run_names", "runs_notes", "runs_table",
+    "save_figure", "setup_data", "split_statistics", "sweep_points",
+]

@@ -21,7 +21,9 @@ from micronet.config import typed
 from micronet.data import SPLITS, Corpus, DataConfig, DataError, load_corpus
 from micronet.paths import CONF_DIR, data_root
 
-DEFAULT_CUTOFFS = (3500, 25000)  # the original 8.3M model's adaptive-softmax bins
+DEFAULT_CUTOFFS = (3500, 25000)  # the original 8.3M model's adaptive-softmax bins (WikiText-103)
+DATASET_MODELS = {"wikitext-2": "wt2_8.3M", "wikitext-103": "8.3M"}
+"""The model whose adaptive-softmax bins a data set's statistics use by default (``conf/model/<name>.yaml``)."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=,-]*$")
 _NUMERIC = re.compile(r"^(-|[-+]?[0-9][0-9,]*(\.[0-9]+)?(e[-+]?[0-9]+)?[*%]?)$")
 
@@ -161,13 +163,27 @@ def print_checksums(rows: Sequence[Mapping]) -> None:
     print(format_table(rows, cols, fmt="text"))
 
 
-def split_statistics(corpus: Corpus, cutoffs: Sequence[int] = DEFAULT_CUTOFFS) -> list[dict]:
+def model_cutoffs(model: str) -> tuple[int, ...]:
+    """The adaptive-softmax cutoffs of ``conf/model/<model>.yaml``."""
+    path = CONF_DIR / "model" / f"{model}.yaml"
+    if not _NAME.match(model) or not path.is_file():
+        raise DataError(f"no model config {path}")
+    return tuple(int(c) for c in (yaml.safe_load(path.read_text()) or {}).get("cutoffs", ()))
+
+
+def split_statistics(corpus: Corpus, cutoffs: Sequence[int] | None = None) -> list[dict]:
     """Per split: tokens, lines (``<eos>``), distinct words, vocabulary size, ``<unk>`` count and
     share, and the fraction of tokens in each adaptive-softmax bin ``[0, c1), [c1, c2), ...``.
+
+    ``cutoffs`` None: those of the corpus' own model (:data:`DATASET_MODELS`: wt2_8.3M for WikiText-2,
+    8.3M for WikiText-103), else :data:`DEFAULT_CUTOFFS`. Each row names its ``cutoffs`` and ``model``.
 
     Words outside the training vocabulary cannot occur (``micronet.data`` refuses them), so the
     ``<unk>`` share is the corpus' own out-of-vocabulary rate. Cutoffs >= the vocab size are dropped.
     """
+    model = DATASET_MODELS.get(corpus.manifest.get("name")) if cutoffs is None else None
+    if cutoffs is None:
+        cutoffs = model_cutoffs(model) if model else DEFAULT_CUTOFFS
     v = corpus.vocab_size
     cuts = [int(c) for c in cutoffs if 0 < int(c) < v]
     if cuts != sorted(set(cuts)):
@@ -186,7 +202,7 @@ def split_statistics(corpus: Corpus, cutoffs: Sequence[int] = DEFAULT_CUTOFFS) -
         rows.append({
             "split": split, "tokens": len(arr), "lines": int(counts[ids[data.EOS]]) if data.EOS in ids else None,
             "types": int(np.count_nonzero(counts)), "vocab": v, "unk": unk, "unk_share": unk / n,
-            "cutoffs": tuple(cuts),
+            "cutoffs": tuple(cuts), "model": model,
             "bin_fractions": tuple(float(cum[b] - cum[a]) / n for a, b in zip(edges, edges[1:])),
         })
     return rows
@@ -202,7 +218,11 @@ def format_split_statistics(rows: Sequence[Mapping]) -> str:
     for i in range(len(cuts) + 1):
         cols.append((lambda r, i=i: r["bin_fractions"][i], f"bin [{edges[i]},{edges[i + 1]}) %",
                      lambda x: f"{100 * x:.2f}"))
-    return format_table(rows, cols, fmt="text")
+    model = rows[0].get("model") if rows else None
+    head = f"bins at cutoffs {list(cuts)}"
+    if model:
+        head = f"adaptive-softmax bins of model {model} (cutoffs {list(cuts)})"
+    return head + "\n" + format_table(rows, cols, fmt="text")
 
 
 def print_split_statistics(rows: Sequence[Mapping]) -> None:

@@ -178,12 +178,21 @@ def test_output_weights_are_tied_to_input_tables():
     model = tiny_model()
     names = [n for n, _ in model.named_parameters()]
     assert not any(n.startswith("softmax.") and "weight" in n and "proj" not in n and "cluster" not in n for n in names)
+    table = model.embed.tables[1].weight  # words 10..29
+    h = torch.randn(4, 16, dtype=torch.float64)
+    before = model.softmax.tail_log_probs(h, 1).detach()
     with torch.no_grad():
-        model.embed.tables[1].weight[3] += 1.0  # word 13
-    h = torch.randn(1, 16, dtype=torch.float64)
-    before = model.softmax.tail_log_probs(h, 1)
-    assert torch.allclose(model.softmax.table(1), model.embed.tables[1].weight)
-    assert before.shape == (1, 20)
+        table[3] += 1.0  # word 13, through the *input* embedding only
+    after = model.softmax.tail_log_probs(h, 1)
+    # the output distribution moved, and exactly as a softmax over the edited input table says
+    expected = torch.log_softmax(model.softmax.projs[1](h) @ table.T + model.softmax.biases[1], dim=-1)
+    assert not torch.allclose(before, after) and torch.allclose(after, expected, atol=1e-12)
+    assert torch.allclose(after[:, [0, 1, 2, 4]] - before[:, [0, 1, 2, 4]],
+                          (after[:, 0] - before[:, 0])[:, None].expand(-1, 4), atol=1e-12)  # only word 13's logit
+    model.zero_grad()
+    after[:, 3].sum().backward()  # gradient of the output flows into the input table
+    assert table.grad is not None and table.grad[3].abs().sum() > 0
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(model)  # no hidden copy
 
 
 def test_original_parameter_counts_are_exact():

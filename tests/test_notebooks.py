@@ -77,6 +77,7 @@ def test_setup_data_notebook_offline_wikitext2(kernel, tmp_path, monkeypatch):
     text = outputs(nb)
     for figure in ("2,088,628", "217,646", "245,569", "33,278", "official"):
         assert figure in text
+    assert "adaptive-softmax bins of model wt2_8.3M (cutoffs [3500, 15000])" in text  # a WikiText-2 model's bins
     manifest = json.loads((tmp_path / "data/cache/wikitext-2/manifest.json").read_text())
     assert manifest["tokens"] == {"train": 2088628, "valid": 217646, "test": 245569}
 
@@ -132,8 +133,8 @@ def test_evaluate_notebook_on_a_tiny_pipeline(kernel, tiny_results, tmp_path):
     plot = tmp_path / "plots" / "ppl_vs_score.png"
     nb = run_notebook("evaluate.ipynb", {"RESULTS_ROOT": str(tiny_results), "SAVE_PLOT": str(plot)}, tmp_path, kernel)
     text = outputs(nb)
-    assert "| tiny |" in text and "| prune0.5_tiny | tiny |" in text
-    assert "prune0.5_tiny: no eval_step6.json; no score_step6.json" in text  # step 6 from its log
-    assert "paper score" in text and "strict score" in text
-    assert outputs(nb, "png") == 4  # components, ppl vs score, sweep, training curves
+    assert "| tiny | - | 6 | tiny | none |" in text and "| prune0.5_tiny | tiny | 6 | tiny |" in text  # dataset column
+    assert "prune0.5_tiny: no score_step6.json; no eval_step6.json" in text  # step 6 from its log
+    assert "paper score" in text and "strict score" in text and "last training validation" in text
+    assert outputs(nb, "png") == 4  # components, ppl vs score, sweep, training curves (what they show: test_report*)
     assert plot.is_file() and plot.stat().st_size > 0

@@ -13,7 +13,7 @@ from micronet import report
 from micronet.config import MicronetError
 from micronet.data import Corpus, DataError
 from micronet.model import ModelConfig
-from micronet.paths import shared_data_dir
+from micronet.paths import PROJECT_ROOT, shared_data_dir
 from micronet.score import ModelCounts, bin_fractions, score
 
 CFG = ModelConfig(vocab_size=100, d_model=16, n_layer=2, n_head=2, d_head=8, d_ff=32, n_seq=8, segment_len=8,
@@ -52,11 +52,13 @@ def make_run(root: Path, name: str, *, config: str | None = "name: x\n", ckpts=(
 @pytest.fixture
 def tree(tmp_path) -> Path:
     root = tmp_path / "results"
-    make_run(root, "full", ckpts=(3, 6), csv_rows=[(3, 90.0), (6, 80.0)],
-             ev={6: {"name": "full", "step": 6, "valid": {"ppl": 70.0, "cache": {"n_cache": 0}},
-                     "test": {"ppl": 75.0, "cache": {"n_cache": 0}}}},
+    make_run(root, "full", config="name: full\ndata: {name: wikitext-2}\ntrain: {val_tokens: 0}\n", ckpts=(3, 6),
+             csv_rows=[(3, 90.0), (6, 80.0)],
+             ev={6: {"name": "full", "step": 6, "valid": {"ppl": 70.0, "tokens": 99, "cache": {"n_cache": 0}},
+                     "test": {"ppl": 75.0, "tokens": 120, "cache": {"n_cache": 0}}}},
              sc={6: score_json("full", 6, 75.0)})
-    make_run(root, "prune0.5_full", config="name: p\nlineage: {parent: full, parent_step: 6, stage: prune}\n",
+    make_run(root, "prune0.5_full", config="name: full\ntrain: {val_tokens: 20}\n"
+             "lineage: {parent: full, parent_step: 6, stage: prune}\n",
              ckpts=(10,), csv_rows=[(10, 85.0)], sc={10: score_json("prune0.5_full", 10, None, density=0.5)})
     make_run(root, "old_score", config=None, ckpts=(2,), sc={2: {**score_json("old_score", 2, 99.0, both=False),
                                                                  "convention": "strict"}})
@@ -76,34 +78,69 @@ def test_collect_runs_tolerates_missing_pieces(tree):
     assert [r["name"] for r in rows] == ["bare", "broken", "full", "old_score", "prune0.5_full"]
     r = by_name(rows)
     full = r["full"]
-    assert (full["step"], full["val_ppl"], full["test_ppl"], full["ppl_source"]) == (6, 70.0, 75.0, "eval_step6.json")
+    assert (full["step"], full["val_ppl"], full["test_ppl"], full["val_source"]) == (6, 70.0, 75.0, "eval_step6.json")
     assert full["parent"] is None and full["notes"] == [] and full["bits"] == 32 and full["n_cache"] == 0
+    assert full["dataset"] == "wikitext-2" and not full["planned"]
+    assert (full["log_val_ppl"], full["log_val_condition"]) == (80.0, "full split, no cache")
     sj = json.loads(Path(full["score_file"]).read_text())
     for c in ("paper", "strict"):
         assert full[f"{c}_score"] == sj["conventions"][c]["score"] and full[f"{c}_params"] > 0
     child = r["prune0.5_full"]
     assert (child["parent"], child["parent_step"], child["stage"], child["step"]) == ("full", 6, "prune", 10)
-    assert (child["val_ppl"], child["ppl_source"], child["test_ppl"]) == (85.0, "train_results.csv", None)
+    assert child["dataset"] == "wikitext-2"  # from its parent's config
+    # the training log's validation is never passed off as the evaluation's
+    assert (child["val_ppl"], child["test_ppl"], child["log_val_ppl"]) == (None, None, 85.0)
+    assert child["log_val_condition"] == "first 20 tokens, no cache"
+    assert child["notes"] == ["no eval_step10.json (the cache the score counts)"]
     assert child["paper_ops"] < full["paper_ops"]
     old = r["old_score"]  # a score file without "conventions": only its own convention is known
-    assert old["strict_score"] is not None and old["paper_score"] is None and old["test_ppl"] == 99.0
-    assert "no config.yaml" in old["notes"]
+    assert old["strict_score"] is not None and old["paper_score"] is None and old["test_ppl"] is None
+    assert "no config.yaml" in old["notes"] and old["dataset"] is None
     broken = r["broken"]
     assert broken["parent"] is None and broken["val_ppl"] is None and broken["paper_score"] is None
     assert broken["notes"] == ["config.yaml unreadable (ParserError)", "eval_step4.json unreadable (JSONDecodeError)",
                                "no score_step4.json"]
     bare = r["bare"]
-    assert bare["step"] is None and bare["notes"] == ["no checkpoint, train_results.csv, eval or score file yet"]
+    assert bare["step"] is None and bare["planned"]
+    assert bare["notes"] == ["no checkpoint, train_results.csv, eval or score file yet"]
     assert all(bare[k] is None for k in ("val_ppl", "paper_score"))
 
 
-def test_collect_runs_mixes_sources_and_flags_cache_mismatch(tmp_path):
-    make_run(tmp_path, "r", ckpts=(5,), csv_rows=[(5, 60.0)],
-             ev={5: {"test": {"ppl": 65.0, "cache": {"n_cache": 3000}}}}, sc={5: score_json("r", 5, None)})
+def _eval(n: int, val: float | None, test: float) -> dict:
+    cache = {"n_cache": n}
+    out = {"test": {"ppl": test, "tokens": 120, "cache": cache}}
+    if val is not None:
+        out["valid"] = {"ppl": val, "tokens": 99, "cache": cache}
+    return out
+
+
+def test_a_row_is_measured_under_one_condition(tmp_path):
+    """Val and test ppl of a row come from one evaluation: full split, the cache the score counts."""
+    run = make_run(tmp_path, "r", ckpts=(5,), csv_rows=[(5, 60.0)], ev={5: _eval(0, 80.0, 85.0)},
+                   sc={5: {**score_json("r", 5, 65.0), "settings": {"bits": 32, "n_cache": 3000}}})
+    (run / "eval_step5_n3000.json").write_text(json.dumps(_eval(3000, None, 65.0)))  # valid skipped
+    (run / "cache_step5_n3000.yaml").write_text("n_cache: 3000\nval_ppl: 61.5\nval_tokens: 99\n")
     (row,) = report.collect_runs(root=tmp_path)
-    assert (row["val_ppl"], row["ppl_source"]) == (60.0, "train_results.csv")
-    assert (row["test_ppl"], row["eval_n_cache"]) == (65.0, 3000)
-    assert row["notes"] == ["ppl measured with cache 3000, score counts cache 0"]
+    assert (row["n_cache"], row["val_ppl"], row["test_ppl"]) == (3000, 61.5, 65.0)
+    assert row["val_source"] == "cache_step5_n3000.yaml" and row["log_val_ppl"] == 60.0
+    assert [(e["n_cache"], e["val_ppl"], e["test_ppl"]) for e in row["evals"]] == [(0, 80.0, 85.0), (3000, None, 65.0)]
+    table = report.runs_table([row])
+    assert "| r | - | 5 | unknown dataset | 3000 | 61.50* | 65.00 | 32 |" in table and "cache search" in table
+    assert "60.00 (full split, no cache)" in table
+    # a cache search over fewer tokens than the full split is not a full-split validation
+    (run / "cache_step5_n3000.yaml").write_text("n_cache: 3000\nval_ppl: 61.5\nval_tokens: 50\n")
+    (row,) = report.collect_runs(root=tmp_path)
+    assert row["val_ppl"] is None and f"| 3000 | {report.MISSING} | 65.00 |" in report.runs_table([row])
+
+
+def test_a_scored_run_without_its_evaluation_shows_missing_figures(tmp_path):
+    make_run(tmp_path, "s", ckpts=(5,), ev={5: _eval(0, 80.0, 85.0)},
+             sc={5: {**score_json("s", 5, None), "settings": {"bits": 9, "n_cache": 2000}}})
+    (row,) = report.collect_runs(root=tmp_path)
+    assert row["test_ppl"] is None and row["n_cache"] == 2000  # the no-cache figures are not this row's
+    table = report.runs_table([row])
+    assert f"| 2000 | {report.MISSING} | {report.MISSING} | 9 |" in table and "n_cache=<N>" in table
+    assert row["notes"] == ["no eval_step5_n2000.json (the cache the score counts)"]
 
 
 def test_collect_runs_by_name_and_missing_root(tree, tmp_path):
@@ -113,52 +150,123 @@ def test_collect_runs_by_name_and_missing_root(tree, tmp_path):
     assert report.collect_runs(root=tmp_path / "absent") == []
 
 
-def test_runs_table_and_pick_run(tree):
+def test_runs_table_pick_run_and_notes_honour_the_convention(tree):
     rows = report.collect_runs(["full", "prune0.5_full", "bare"], root=tree)
     md = report.runs_table(rows)
-    lines = md.splitlines()
-    assert lines[0].startswith("| run | parent | step | val ppl | test ppl |") and "strict score" in lines[0]
+    head = md.splitlines()[0]
+    assert head.startswith("| run | parent | step | dataset | eval cache | val ppl | test ppl | bits | paper params |")
+    assert head.endswith("| paper score | strict score | last training validation |")
     full = by_name(rows)["full"]
-    assert f"| full | - | 6 | 70.00 | 75.00 | 0 | 32 | {full['paper_params']:,.0f} |" in md
-    assert f"{full['paper_score']:.6f}" in md and f"{full['strict_score']:.6f}" in md
-    assert "| prune0.5_full | full | 10 | 85.00* | - |" in md and "* validation ppl" in md
-    assert "| bare | - | - | - | - |" in md
+    assert f"| full | - | 6 | WikiText-2 | none | 70.00 | 75.00 | 32 | {full['paper_params']:,.0f} |" in md
+    assert f"| prune0.5_full | full | 10 | WikiText-2 | none | {report.MISSING} | {report.MISSING} |" in md
+    assert "85.00 (first 20 tokens, no cache)" in md
+    assert "| bare |" not in md and "1 planned run(s) not started are not shown" in md
+    assert "| bare | - | - | unknown dataset | - | - | - |" in report.runs_table(rows, planned=True)
+    strict = report.runs_table(rows, convention="strict").splitlines()[0]
+    assert "| strict params | strict ops | strict score | paper score |" in strict
     text = report.runs_table(rows, fmt="text").split("\n\n")[0].splitlines()
-    assert len(text) == 5 and text[0].startswith("run ")
+    assert len(text) == 4 and text[0].startswith("run ")
     assert report.pick_run(rows)["name"] == "prune0.5_full"  # lowest paper score
+    assert report.pick_run(rows, convention="strict")["name"] == "prune0.5_full"
+    mixed = [{**full, "paper_score": 0.5, "strict_score": 0.1}, {**full, "name": "b", "paper_score": 0.2,
+                                                                  "strict_score": 0.3}]
+    assert report.pick_run(mixed)["name"] == "b" and report.pick_run(mixed, convention="strict")["name"] == "full"
     assert report.pick_run(rows, "full")["name"] == "full"
     assert report.pick_run([by_name(rows)["bare"]]) is None
     with pytest.raises(MicronetError):
         report.pick_run(rows, "nope")
+    with pytest.raises(ValueError, match="convention"):
+        report.runs_table(rows, convention="exact")
     notes = report.runs_notes(rows).splitlines()
-    assert notes == ["prune0.5_full: no eval_step10.json",
-                     "bare: no checkpoint, train_results.csv, eval or score file yet"]
+    assert notes == ["prune0.5_full: no eval_step10.json (the cache the score counts)", "not started (1): bare"]
     assert report.runs_notes(rows[:1]) == "nothing missing"
 
 
-def test_plot_ppl_vs_score_has_runs_references_and_target(tree):
-    rows = report.collect_runs(root=tree)
-    fig = report.plot_ppl_vs_score(rows)
-    ax = fig.axes[0]
-    coll = {c.get_gid(): c for c in ax.collections if c.get_gid() in ("runs", "runs-val")}
-    assert len(coll["runs"].get_offsets()) == 1  # full (test ppl)
-    assert len(coll["runs-val"].get_offsets()) == 1  # prune0.5_full (validation ppl only)
-    refs = [c for c in ax.collections if c.get_gid() == "reference"]
-    assert sorted(tuple(c.get_offsets()[0]) for c in refs) == [(0.038747, 35.0), (0.047516, 35.0)]
-    target = [ln for ln in ax.lines if ln.get_gid() == "ppl-target"]
-    assert len(target) == 1 and list(target[0].get_ydata()) == [35.0, 35.0]
-    assert {t.get_text() for t in ax.texts} == {"full", "prune0.5_full"}
-    strict = report.plot_ppl_vs_score(rows, convention="strict", annotate=False).axes[0]
-    runs = [c for c in strict.collections if (c.get_gid() or "").startswith("runs")]
-    assert sum(len(c.get_offsets()) for c in runs) == 3  # old_score has only a strict score
-    assert len([c for c in strict.collections if c.get_gid() == "reference"]) == 1
+# ----------------------------------------------------------------------------- perplexity vs score
+
+
+def point_row(name, dataset, score, ppl, n_cache=2000, parent=None, stage=None, bits=32):
+    return {"name": name, "dataset": dataset, "paper_score": score, "strict_score": score, "test_ppl": ppl,
+            "n_cache": n_cache, "parent": parent, "stage": stage, "bits": bits}
+
+
+MIXED = [
+    point_row("wt2_8.3M", "wikitext-2", 0.093, 107.5, n_cache=3000),
+    point_row("prune0.358_wt2_8.3M", "wikitext-2", 0.062, 108.6, parent="wt2_8.3M", stage="prune"),
+    *[point_row(f"quantize_prune0.358_wt2_8.3M_step300_cache2000_bits{b}", "wikitext-2", 0.026 + b / 2000,
+                108.5 + b / 100, parent="prune0.358_wt2_8.3M", stage="quantize", bits=b) for b in (8, 9, 10)],
+    point_row("8.3M_cache2000_hebbian", "wikitext-103", 0.09, 36.0),
+    point_row("unevaluated", "wikitext-2", 0.05, None),
+    point_row("unscored", "wikitext-2", None, 100.0),
+]
+
+
+def test_ppl_vs_score_data_separates_datasets_and_keeps_references_with_their_own():
+    d = report.ppl_score_data(MIXED)
+    panels = {p["dataset"]: p for p in d["panels"]}
+    assert list(panels) == ["wikitext-103", "wikitext-2"]
+    wt2, wt103 = panels["wikitext-2"], panels["wikitext-103"]
+    assert wt2["references"] == [] and wt2["target"] is None  # the original's WikiText-103 facts stay out
+    assert wt103["target"] == 35.0 and [r["score"] for r in wt103["references"]] == [0.038747, 0.047516]
+    sub3 = wt103["references"][1]
+    assert sub3["ppl"] is None and sub3["ppl_max"] == 35.0  # an upper bound, not an invented point
+    assert {q["name"] for q in wt2["points"]} == {r["name"] for r in MIXED[:5]}
+    assert len({(q["name"], q["n_cache"]) for q in wt2["points"]}) == len(wt2["points"])
+    assert d["left_out"] == [("unevaluated", "no test ppl with eval cache 2000")]
+    assert ("wt2_8.3M", "prune0.358_wt2_8.3M") in wt2["arrows"]
+    assert sum(child.startswith("quantize") for _, child in wt2["arrows"]) == 3
+    labels = [q["label"] for q in wt2["points"]]
+    assert labels == ["wt2_8.3M", "pruned 0.358", "8 bits", "9 bits", "10 bits"]
+    ppls = [q["ppl"] for q in wt2["points"]]  # y fitted to the data: no ppl-35 line squashing it
+    lo, hi = wt2["ylim"]
+    assert lo < min(ppls) and hi > max(ppls) and hi - lo < 1.5 * (max(ppls) - min(ppls))
+    assert all("WikiText-103" in p["title"] or "WikiText-2" in p["title"] for p in d["panels"])
+    assert report.ppl_score_data(MIXED, reference=False)["panels"][0]["target"] is None
     with pytest.raises(ValueError, match="convention"):
-        report.plot_ppl_vs_score(rows, convention="exact")
+        report.ppl_score_data(MIXED, convention="exact")
 
 
-def test_plot_components_groups_layers(tree):
+def overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def assert_labels_readable(ax, n: int) -> None:
+    boxes = report.label_boxes(ax)
+    assert len(boxes) == n
+    for i, a in enumerate(boxes):
+        assert 0 <= a.x0 and a.x1 <= 1 and 0 <= a.y0 and a.y1 <= 1, "label outside its axes"
+        assert not any(overlaps(a, b) for b in boxes[i + 1:]), "labels overlap"
+
+
+def test_plot_ppl_vs_score_draws_its_data():
+    fig = report.plot_ppl_vs_score(MIXED)
+    data = report.ppl_score_data(MIXED)
+    ax103, ax2 = fig.axes
+    for ax, p in zip(fig.axes, data["panels"]):
+        pts = sorted(tuple(c.get_offsets()[0]) for c in ax.collections if c.get_gid() == "runs")
+        assert pts == sorted((q["score"], q["ppl"]) for q in p["points"])
+        assert ax.get_ylim() == pytest.approx(p["ylim"]) and ax.get_title() == p["title"]
+        assert len([t for t in ax.texts if t.get_gid() == "lineage"]) == len(p["arrows"])
+        assert_labels_readable(ax, len(p["points"]))
+    assert [ln.get_ydata()[0] for ln in ax103.lines if ln.get_gid() == "ppl-target"] == [35.0]
+    assert not [ln for ln in ax2.lines if ln.get_gid() == "ppl-target"] and not ax2.get_legend()
+    best = [tuple(c.get_offsets()[0]) for c in ax103.collections if c.get_gid() == "reference"]
+    assert best == [(0.038747, 35.0)]  # submission 3 is no point, only a bound
+    (bound,) = [t for t in ax103.texts if t.get_gid() == "reference-bound"]  # an arrow down from 35
+    assert bound.xyann == (0.047516, 35.0) and bound.xy[1] < 35.0 and ax103.get_ylim()[0] <= bound.xy[1]
+    assert all("WikiText-103" in t for t in ax103.get_legend_handles_labels()[1])
+    legend = " ".join(t.get_text() for lg in fig.legends for t in lg.get_texts())
+    assert "not drawn: unevaluated" in legend and "submission 3: 0.047516, test ppl not published" in legend
+    strict = report.plot_ppl_vs_score(MIXED, convention="strict", annotate=False)
+    assert "strict" in strict.axes[0].get_xlabel() and not report.label_boxes(strict.axes[0])
+
+
+def test_plot_components_groups_layers_with_headroom_and_convention(tree):
     rows = report.collect_runs(["full"], root=tree)
     sj = score_json("full", 6, 75.0)
+    d = report.component_data(rows[0])
+    assert d["ops_xlim"][1] > max(a + b + c for a, b, c in zip(*d["ops"].values()))  # headroom
+    assert "paper convention" in d["title"] and "no eval cache" in d["title"]
     fig = report.plot_components(rows[0])
     ax_p, ax_o = fig.axes
     labels = [t.get_text() for t in ax_p.get_yticklabels()]
@@ -167,21 +275,50 @@ def test_plot_components_groups_layers(tree):
     params = [b for b in ax_p.patches if b.get_gid() == "params"]
     assert sum(b.get_width() for b in params) == pytest.approx(sj["params"])
     assert sum(b.get_width() for b in ax_o.patches) == pytest.approx(sj["ops"])
+    assert ax_o.get_xlim()[1] == pytest.approx(d["ops_xlim"][1])
+    assert "multiplies x bits/32" in [t.get_text() for t in fig.legends[0].get_texts()]
     ungrouped = report.plot_components(rows[0]["score_file"], group_layers=False)
     assert len(ungrouped.axes[0].get_yticklabels()) > len(labels)
-    empty = report.plot_components(None)
-    assert "no scored run" in empty.axes[0].texts[0].get_text()
+    strict = report.component_data(rows[0], convention="strict")  # the file has paper components only
+    assert "paper convention only" in strict["note"] and "convention=strict" in strict["note"]
+    assert "no scored run" in report.plot_components(None).texts[0].get_text()
 
 
-def test_training_curves_and_save_figure(tree, tmp_path):
+def test_training_curves_on_tokens_offset_by_the_parent(tree, tmp_path):
+    series = {s["name"]: s for s in report.curve_data(None, root=tree)}
+    assert series["full"]["tokens"] == [30.0, 60.0] and series["full"]["offset"] == 0
+    child = series["prune0.5_full"]  # continues from the parent's step 6 (60 tokens)
+    assert child["offset"] == 60.0 and child["tokens"] == [160.0]
+    assert child["label"] == "prune0.5_full (val: first 20 tokens, no cache)"
     fig = report.plot_training_curves(None, root=tree)
-    assert sorted(ln.get_label() for ln in fig.axes[0].lines) == ["full", "prune0.5_full"]
-    assert list(fig.axes[0].lines[0].get_xdata()) == [3, 6]
+    lines = {ln.get_gid(): ln for ln in fig.axes[0].lines}
+    assert list(lines["curve-prune0.5_full"].get_xdata()) == [160.0 / 1e6]
+    assert "tokens" in fig.axes[0].get_xlabel()
     rows = report.collect_runs(["bare"], root=tree)
     assert "no train_results.csv" in report.plot_training_curves(rows).axes[0].texts[0].get_text()
     out = report.save_figure(fig, tmp_path / "sub" / "curves.png")
     assert out.is_file() and out.read_bytes()[:4] == b"\x89PNG"
     assert report.save_figure(fig, None) is None
+
+
+def test_the_committed_results_behind_the_readme_figures():
+    """The README's figures and table read these runs: one dataset, one cache per point, the sweep's
+    deltas against the dense parent measured with the same cache."""
+    rows = report.collect_runs(root=PROJECT_ROOT / "results")
+    if not any(r["score_file"] for r in rows):
+        pytest.skip("no scored runs committed")
+    picked = [r for r in rows if r["name"] in report.README_RUNS]
+    d = report.ppl_score_data(picked)
+    (panel,) = d["panels"]
+    assert panel["dataset"] == "wikitext-2" and panel["references"] == [] and len(panel["points"]) == 4
+    assert_labels_readable(report.plot_ppl_vs_score(picked).axes[0], 4)
+    groups = report.sweep_points(rows)
+    assert groups and all(g["dataset"] == "wikitext-2" and g["parent"] == "wt2_8.3M" for g in groups)
+    dense = by_name(rows)["wt2_8.3M"]
+    for g in groups:
+        base = next(e["test_ppl"] for e in dense["evals"] if e["n_cache"] == g["n_cache"])
+        assert all(q["delta"] == pytest.approx(q["ppl"] - base) for q in g["points"])
+    assert "planned run(s) not started are not shown" in report.runs_table(rows)
 
 
 def test_split_statistics_on_a_small_corpus():
@@ -200,6 +337,19 @@ def test_split_statistics_on_a_small_corpus():
     assert "bin [0,2) %" in text and "bin [4,V) %" in text and "50.00" in text
     with pytest.raises(ValueError, match="increasing"):
         report.split_statistics(corpus, cutoffs=(4, 2))
+
+
+def test_split_statistics_default_to_the_data_sets_own_model():
+    assert report.model_cutoffs("wt2_8.3M") == (3500, 15000) and report.model_cutoffs("8.3M") == (3500, 25000)
+    big = np.arange(20000, dtype=np.int32)
+    corpus = Corpus(vocab=[f"w{i}" for i in range(20000)], manifest={"name": "wikitext-2"}, train=big, valid=big,
+                    test=big)
+    rows = report.split_statistics(corpus)
+    assert rows[0]["model"] == "wt2_8.3M" and rows[0]["cutoffs"] == (3500, 15000)
+    assert rows[0]["bin_fractions"] == pytest.approx((3500 / 20000, 11500 / 20000, 5000 / 20000))
+    assert report.format_split_statistics(rows).startswith("adaptive-softmax bins of model wt2_8.3M")
+    with pytest.raises(DataError, match="no model config"):
+        report.model_cutoffs("nope")
 
 
 # ----------------------------------------------------------------------------- setup_data

@@ -74,10 +74,30 @@ def test_checkpoint_of_another_model_is_refused(results_root):
 
 
 def test_resume_may_change_the_segment_length(results_root):
-    """segment_len only changes speed (segmented attention is exact), so it does not block a resume."""
-    train.run(tiny_cfg("s", "train.stop_after=2"))
-    train.run(tiny_cfg("s", "model.segment_len=4"))
-    assert RunDir("s").latest_step() == 6
+    """segment_len only changes speed (segmented attention is exact): without dropout a run resumed
+    with another segment length, and one trained with it throughout, end where the default run ends
+    (to float summation order), so it does not block a resume. With dropout the attention-dropout
+    mask is a hash of the index into the (segments, heads, L, window) tensor, so another segment
+    length draws other (equally likely) masks: the run resumes, but is not the same run."""
+    nodrop = "model.dropout=0"
+    train.run(tiny_cfg("whole", nodrop))  # segment_len 8
+    train.run(tiny_cfg("s", "train.stop_after=2", nodrop))
+    train.run(tiny_cfg("s", "model.segment_len=4", nodrop))
+    train.run(tiny_cfg("three", "model.segment_len=3", nodrop))
+    ref = RunDir("whole").load(6)
+
+    def val_ppl(name: str) -> list[float]:
+        return [float(r.split(",")[4]) for r in RunDir(name).train_csv.read_text().splitlines()[1:]]
+
+    for name in ("s", "three"):
+        got = RunDir(name).load(6)
+        assert got["step"] == 6
+        for k, v in ref["model"].items():
+            assert torch.allclose(got["model"][k], v, rtol=1e-5, atol=1e-6), (name, k)
+        assert val_ppl(name) == pytest.approx(val_ppl("whole"), rel=1e-6)
+    train.run(tiny_cfg("drop", "train.stop_after=2"))  # dropout 0.1: a resume is still allowed
+    train.run(tiny_cfg("drop", "model.segment_len=4"))
+    assert RunDir("drop").latest_step() == 6
 
 
 def _hold_guard(root: str, q) -> None:
