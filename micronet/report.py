@@ -335,9 +335,9 @@ def readme_figures(root: str | os.PathLike | None = None, out_dir: str | os.Path
 
 
 __all__ = [
-    "CONVENTIONS", "DATASET_MODELS", "DEFAULT_CUTOFFS", "MISSING", "PPL_TARGET", "README_RUNS", "REFERENCE_POINTS", "checksum_rows",
-    "collect_runs", "component_data", "curve_data", "data_config", "format_split_statistics", "format_table",
-    "label_boxes", "load_score", "model_cutoffs", "pick_run", "plot_components", "plot_ppl_vs_score",
+    "CONVENTIONS", "DATASET_MODELS", "DEFAULT_CUTOFFS", "MISSING", "PPL_TARGET", "README_RUNS", "REFERENCE_POINTS",
+    "checksum_rows", "collect_runs", "component_data", "curve_data", "data_config", "format_split_statistics",
+    "format_table", "label_boxes", "load_score", "model_cutoffs", "pick_run", "plot_components", "plot_ppl_vs_score",
     "plot_sweep", "plot_training_curves", "ppl_score_data", "print_checksums", "print_split_statistics",
     "read_sha256sums", "read_training_curve", "readme_figures", "run_names", "runs_notes", "runs_table",
     "save_figure", "setup_data", "split_statistics", "sweep_points",
