@@ -138,7 +138,7 @@ def test_original_lineage_plan_has_the_original_names_and_hyperparameters(result
     assert compose_cfg("train", ["experiment=8.3M_cache2000_hebbian"]).train.batch_size == 14
 
 
-@pytest.mark.parametrize("name", ["wt2", "wt2_nodistill", "original_nodistill"])
+@pytest.mark.parametrize("name", ["wt2", "wt2_nodistill", "original_nodistill", "wt2ref"])
 def test_shipped_lineages_plan(results_root, name):
     lin = pipeline.load_lineage(compose_cfg("pipeline", [f"lineage={name}"]))
     assert lin.name == name
