@@ -97,8 +97,9 @@ def weight_codes(model: nn.Module, name: str, bits: int, per_channel: bool) -> t
     checks that the effective weight is exactly code x scale within the b-bit range."""
     w = effective(model, name).float().cpu()
     s = weight_scale(model, name).float().cpu()
-    codes = torch.round(w / broadcast_scales(s, w.dim(), per_channel))
-    if codes.abs().max() > levels(bits) or not torch.equal(codes * broadcast_scales(s, w.dim(), per_channel) + 0.0, w):
+    sb = broadcast_scales(s, w.dim(), per_channel)
+    codes = torch.round(w / sb)
+    if codes.abs().max() > levels(bits) or not torch.equal(codes * sb + 0.0, w):
         raise MicronetError(f"{name}: weights are not code x scale within +-{levels(bits)} (not quantized at {bits} bits?)")
     return codes.to(torch.int64), s
 

@@ -18,10 +18,10 @@ from micronet.evaluate import evaluate_stream
 from micronet.export import export_packed, load_export, load_packed
 from micronet.fast_infer import FastAdaptiveLogSoftmax, Int8Linear, build_fast_model
 from micronet.model import ModelConfig, TransformerLM
-from micronet.paths import PROJECT_ROOT
 from micronet.prune import magnitude_mask
 from micronet.quantize import act_quantizers, calibrate, prepare
 from micronet.results import RunDir
+from test_export import LEGACY_RUN
 from test_soft_labels import tiny_train, write_tiny_corpus
 
 # Tolerances of the int8 model against the fake-quantized one, per token log p(target) on a model whose
@@ -30,7 +30,6 @@ from test_soft_labels import tiny_train, write_tiny_corpus
 # (the checks below prove both tolerances would fail). On the 9-bit WikiText-2 model: -0.02% (test below).
 MEAN_ABS_TOL = 0.04  # nats
 NLL_REL_TOL = 0.001
-LEGACY_RUN = PROJECT_ROOT / "results" / "quantize_prune0.358_wt2_8.3M_step300_cache2000_bits9"
 
 
 def sharp_export(path, bits: int = 9):

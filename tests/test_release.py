@@ -9,7 +9,6 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file
 
 from conftest import TINY_MODEL, TINY_TRAIN, compose_cfg, run_cli
