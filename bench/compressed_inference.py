@@ -3,10 +3,13 @@
     python bench/compressed_inference.py [--threads 1] [--tokens 40000] [--repeats 3] [--full]
 
 Variants (WikiText-2 lineage): ``dense`` (the fp32 parent's parent, wt2_8.3M step 1000, as the project evaluates
-it), ``pruned`` (fp32, prune0.358_wt2_8.3M step 300), ``fake_quant`` (model.mnq via micronet.export.load_mnq, the
+it; ``--dense copy``: a dense fp32 TransformerLM holding the quantized model's weights, the same architecture and
+work, for a checkout without that checkpoint), ``pruned`` (fp32, prune0.358_wt2_8.3M step 300), ``fake_quant``
+(the quantize run's packed export, packed.safetensors or a legacy model.mnq, via micronet.export.load_export: the
 quantize stage's evaluation path), ``fast_fp32`` and ``fast_int8`` (micronet.fast_infer.build_fast_model of the
-same file, default settings), and two controls that split the fast path's gain: ``dense_seg32`` (the dense model
-with the fast path's attention block length alone) and ``fast_int8_seg96`` (int8 with the model's own blocks).
+same file, default settings: torch.int8 codes, torch._int_mm), and two controls that split the fast path's gain:
+``dense_seg32`` (the dense model with the fast path's attention block length alone) and ``fast_int8_seg96`` (int8
+with the model's own blocks).
 
 * Speed: batch-1 online evaluation (micronet.evaluate.evaluate_stream, memory carried, chunk 4032), without
   and with the evaluation cache (n 2000, each run's searched lambda/theta), on the first ``--tokens`` tokens of
@@ -19,7 +22,8 @@ with the fast path's attention block length alone) and ``fast_int8_seg96`` (int8
 * Memory: each variant in its own subprocess (``--rss-child``): VmRSS after imports and data, VmHWM while
   building the model, VmRSS with the model built (after gc + malloc_trim), then VmHWM of one cached
   evaluation of the slice (peak reset through /proc/self/clear_refs before it).
-* The machine: torch version, threads, fp32 and int8 GEMM rates before and after.
+* The machine: torch version, threads, fp32 GEMM and int8 Linear (micronet.fast_infer.Int8Linear, quantizing
+  its input per call) rates before and after.
 """
 
 from __future__ import annotations
@@ -40,14 +44,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
 from micronet.cache import eval_cache_for
 from micronet.data import DataConfig, load_corpus
 from micronet.evaluate import evaluate_stream, load_model
-from micronet.export import load_mnq
-from micronet.fast_infer import (DEFAULT_ENGINE, DEFAULT_SEGMENT_LEN, build_fast_model, int8_linear, plain_copy,
-                                 quant_engine)
+from micronet.export import load_export
+from micronet.fast_infer import DEFAULT_SEGMENT_LEN, build_fast_model, int8_linear, plain_copy
 from micronet.results import RunDir
 
 VARIANTS = ("dense", "dense_seg32", "pruned", "fake_quant", "fast_fp32", "fast_int8_seg96", "fast_int8")
@@ -56,19 +57,22 @@ QUANT_RUN = "quantize_prune0.358_wt2_8.3M_step300_cache2000_bits9"
 
 def build(variant: str, args: argparse.Namespace) -> tuple[torch.nn.Module, RunDir, int]:
     """The model of ``variant`` and the run/step whose searched cache parameters it uses."""
+    export = RunDir(args.quant_run).export_path
+    if variant in ("dense", "dense_seg32") and args.dense == "copy":  # the quantized weights in a dense fp32 model
+        model = plain_copy(load_export(export), segment_len=32 if variant == "dense_seg32" else None)
+        return model, RunDir(args.quant_run), 1
     if variant in ("dense", "dense_seg32", "pruned"):
         name, step = (args.pruned if variant == "pruned" else args.dense).split(":")
         model, _ = load_model(RunDir(name), int(step))
         if variant == "dense_seg32":  # control: the fast path's attention blocking alone, fp32 dense model
             model = plain_copy(model, segment_len=32)
         return model.eval(), RunDir(name), int(step)
-    mnq = RunDir(args.quant_run).mnq_path
     if variant == "fake_quant":
-        model = load_mnq(mnq)
+        model = load_export(export)
     elif variant == "fast_fp32":
-        model = build_fast_model(mnq, backend="fp32")
+        model = build_fast_model(export, backend="fp32")
     else:  # fast_int8 (default blocking) or fast_int8_seg96 (the model's own)
-        model = build_fast_model(mnq, backend="int8", engine=args.engine,
+        model = build_fast_model(export, backend="int8",
                                  segment_len=None if variant.endswith("seg96") else DEFAULT_SEGMENT_LEN)
     return model, RunDir(args.quant_run), 1  # a calibrated quantize run holds step 1
 
@@ -99,11 +103,11 @@ def rss_child(args: argparse.Namespace, tokens: np.ndarray) -> dict:
             "eval_growth_mb": status_mb()["VmHWM"] - base}
 
 
-def gemm_rates(engine: str, n: int = 2048, seconds: float = 2.0) -> dict[str, float]:
-    """Sustained fp32 GEMM GFLOP/s and dynamic-int8 Linear GOP/s (2 ops per multiply-add), n x n x n."""
+def gemm_rates(n: int = 2048, seconds: float = 2.0) -> dict[str, float]:
+    """Sustained fp32 GEMM GFLOP/s and int8 Linear GOP/s (2 ops per multiply-add, input quantized per call),
+    n x n x n."""
     a, w = torch.randn(n, n), torch.randn(n, n)
-    with quant_engine(engine):
-        q = int8_linear(w, None)
+    q = int8_linear(w, None)
     out = {}
     for key, fn in (("fp32_gflops", lambda: a @ w), ("int8_gops", lambda: q(a))):
         for _ in range(2):
@@ -117,13 +121,8 @@ def gemm_rates(engine: str, n: int = 2048, seconds: float = 2.0) -> dict[str, fl
 
 
 def param_bytes(model: torch.nn.Module) -> int:
-    """Bytes of parameters and buffers, plus packed int8 weights (their own storage)."""
-    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    for m in model.modules():
-        if isinstance(m, DynamicLinear):  # int8 codes, fp32 per-channel scales and bias
-            w, b = m._weight_bias()
-            total += w.numel() + 4 * w.q_per_channel_scales().numel() + (4 * b.numel() if b is not None else 0)
-    return total
+    """Bytes of parameters and buffers (the int8 layers' codes, scales and biases are buffers)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def main() -> None:
@@ -135,8 +134,7 @@ def main() -> None:
     ap.add_argument("--n-cache", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--engine", default=DEFAULT_ENGINE, help="quantized engine of fast_int8: fbgemm, onednn or x86")
-    ap.add_argument("--dense", default="wt2_8.3M:1000")
+    ap.add_argument("--dense", default="wt2_8.3M:1000", help="run:step, or 'copy' (the quantized weights, dense fp32)")
     ap.add_argument("--pruned", default="prune0.358_wt2_8.3M:300")
     ap.add_argument("--quant-run", default=QUANT_RUN)
     ap.add_argument("--full", action="store_true", help="also the full valid and test ppl (cache) of --full-variants")
@@ -158,7 +156,7 @@ def main() -> None:
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rss[v] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(json.dumps(rss[v]), flush=True)
-    rates_before = gemm_rates(args.engine)
+    rates_before = gemm_rates()
     models = {v: build(v, args) for v in variants}
     caches = {v: eval_cache_for(rd, step, args.n_cache, m) for v, (m, rd, step) in models.items()}
     times: dict[str, dict[str, list[float]]] = {v: {"none": [], "cache": []} for v in variants}
@@ -179,7 +177,7 @@ def main() -> None:
                 nll[v][mode] = total
             print(f"round {r}: {v} " + ", ".join(f"{k} {n / t[-1]:,.0f} tok/s ({n / cpu[v][k][-1]:,.0f} per CPU s)"
                                                  for k, t in times[v].items()), flush=True)
-    rates_after = gemm_rates(args.engine)
+    rates_after = gemm_rates()
     rows, n = {}, len(tokens) - 1
     for v, (m, _, _) in models.items():
         row = {"param_bytes": param_bytes(m), "eval_cache": caches[v][1]}
@@ -211,7 +209,7 @@ def main() -> None:
                 full[v][split] = {"ppl": math.exp(total / k), "tokens": k}
             print(json.dumps({v: full[v]}), flush=True)
     result = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
-                          "threads": torch.get_num_threads(), "quantized_engine": args.engine,
+                          "threads": torch.get_num_threads(), "int8_kernel": "torch._int_mm",
                           "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
                           "gemm_before": rates_before, "gemm_after": rates_after},
               "protocol": {"split": "valid", "tokens": n, "chunk_len": args.chunk, "n_cache": args.n_cache,

@@ -99,7 +99,7 @@ def _compressed(d: dict) -> list[Row]:
                      f"{fast[mode]['speedup_vs_dense_per_s_best']:.2f}x", ">= 1.5x"))
         rows.append((f"compressed int8 ppl vs fake-quantized, {label}",
                      f"{fast[mode]['ppl']:.3f} vs {fake[mode]['ppl']:.3f} ({fast[mode]['ppl_vs_fake_quant']:+.3%})",
-                     "within 1%"))
+                     "within 0.1%"))
     if "memory" in fast:
         rows.append(("compressed int8 vs dense fp32 eval peak RSS",
                      f"{fast['memory']['eval_peak_mb']:,.0f} vs {dense['memory']['eval_peak_mb']:,.0f} MB", ""))

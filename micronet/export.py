@@ -1,39 +1,35 @@
-"""Packed export of a quantized TransformerLM: ``model.mnq``, and its loader.
+"""Packed export of a quantized TransformerLM: ``packed.safetensors``, and its loader.
 
-File layout (little endian)::
+A `safetensors <https://huggingface.co/docs/safetensors>`_ file, so any safetensors reader opens it.
+Per tensor of the plain TransformerLM state dict (the tied tables once, as ``embed.tables.i.weight``):
 
-    0       b"MNQ1"              magic, format 1
-    4       uint32 H             header length in bytes
-    8       H bytes              UTF-8 JSON header
-    8 + H   payload              byte sections, addressed as [offset, nbytes] from the payload start
+* a quantized weight ``<name>``: ``<name>.codes`` (uint8: the nonzero codes in C order, or all ``numel``
+  codes when there is no mask, each a b-bit two's complement integer, bits packed least significant
+  first), ``<name>.mask`` (uint8, ``numel`` bits, ``np.packbits`` little bit order, 1 = nonzero code;
+  left out when a mask would cost more than the zero codes) and ``<name>.scales`` (fp32, one per output
+  channel, or one). value = code x scale, exactly.
+* ``<name>`` itself, fp32: the small tensors the quantizer leaves alone (position tables, LayerNorms,
+  the training cache's two scalars).
+* ``activations``: fp32 (n, 3), (scale, min, max) per activation quantizer.
 
-Header: ``{"format": 1, "bits": b, "act_bits": a, "model_config": {...}, "cache_config": {...},
-"tensors": [...], "act": {"names": [...], "data": [offset, nbytes]}}``. One entry per tensor of the
-plain TransformerLM state dict (the tied tables once, as ``embed.tables.i.weight``):
-
-* ``{"name", "shape", "kind": "q", "axis": 0 | null, "nnz", "mask", "codes", "scales"}``: a quantized
-  weight. ``codes``: the ``nnz`` nonzero codes in C order (all ``numel`` codes when ``mask`` is null), each
-  a b-bit two's complement integer, bits packed least significant first. ``mask``: ``numel`` bits
-  (``np.packbits``, little bit order; 1 = nonzero code) or null when a mask would cost more than the zero
-  codes. ``scales``: fp32, one per output channel (``axis`` 0) or one. value = code x scale, exactly.
-* ``{"name", "shape", "kind": "f32", "data"}``: raw fp32 (position tables, LayerNorms, the training
-  cache's two scalars): the small tensors the quantizer leaves alone.
-* ``act.data``: fp32 (scale, min, max) per activation quantizer, in ``act.names`` order.
-
-:func:`load_mnq` rebuilds a TransformerLM whose weights are bit-identical to the fake-quantized model's
-effective weights, with the activation quantizers at their calibrated scales (eval mode), so it
-evaluates to exactly the same loss.
+The metadata (strings, JSON values) holds ``format``, ``bits``, ``act_bits``, ``model_config``,
+``cache_config``, ``quant`` (the quantization settings of the run), ``lineage``, ``layout`` (name ->
+shape, axis, nnz of each quantized weight) and ``act_names``. :func:`load_packed` rebuilds a
+TransformerLM whose weights are bit-identical to the fake-quantized model's effective weights, with the
+activation quantizers at their calibrated scales (eval mode), so it evaluates to exactly the same loss.
+The legacy ``model.mnq`` files still load (:func:`load_export`, :mod:`micronet.mnq`).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import struct
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save as st_save
 from torch import nn
 
 from micronet.cache import CacheConfig, attach_cache, model_cache
@@ -43,13 +39,12 @@ from micronet.prune import locate
 from micronet.quantize import WeightQuant, act_quantizers, attach_act_quantizers, levels, quantized_weights
 from micronet.results import atomic_write_bytes
 
-MAGIC = b"MNQ1"
+FORMAT = "micronet-packed-1"
 _CHUNK = 1 << 20  # values packed per numpy pass (bounds the (n, bits) temporaries)
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> bytes:
     """Signed integers (|code| < 2^(bits-1)) -> bits-bit two's complement, packed LSB first."""
-    out = []
     shifts = np.arange(bits, dtype=np.uint64)
     u_all = (codes.astype(np.int64).reshape(-1) & ((1 << bits) - 1)).astype(np.uint64)
     bit_rows = [((u_all[a : a + _CHUNK, None] >> shifts) & 1).astype(np.uint8).reshape(-1)
@@ -97,105 +92,140 @@ def weight_scale(model: nn.Module, name: str) -> torch.Tensor:
     raise MicronetError(f"{name} has no weight quantizer")
 
 
-def _cache_config(model: nn.Module) -> dict:
+def weight_codes(model: nn.Module, name: str, bits: int, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes (int64, the weight's shape) and scales ((out,) or ()) of quantized weight ``name``;
+    checks that the effective weight is exactly code x scale within the b-bit range."""
+    w = effective(model, name).float().cpu()
+    s = weight_scale(model, name).float().cpu()
+    sb = broadcast_scales(s, w.dim(), per_channel)
+    codes = torch.round(w / sb)
+    if codes.abs().max() > levels(bits) or not torch.equal(codes * sb + 0.0, w):
+        raise MicronetError(f"{name}: weights are not code x scale within +-{levels(bits)} (not quantized at {bits} bits?)")
+    return codes.to(torch.int64), s
+
+
+def broadcast_scales(scales: torch.Tensor, dim: int, per_channel: bool) -> torch.Tensor:
+    """Scales shaped to multiply codes of ``dim`` dimensions: (out, 1, ...) per channel, () per tensor."""
+    return scales.reshape(-1, *[1] * (dim - 1)) if per_channel else scales.reshape(())
+
+
+def model_cache_config(model: nn.Module) -> dict:
+    """The :class:`CacheConfig` (as a dict) that rebuilds ``model``'s training-cache parameters."""
     cache = model_cache(model)
     if cache is None:
         return as_dict(CacheConfig())
     return as_dict(CacheConfig(n_cache=cache.n_cache, learnable=isinstance(cache.theta_param, nn.Parameter)))
 
 
-def export_mnq(model: TransformerLM, path: Path, quant: dict) -> int:
-    """Write ``model`` (prepared by :func:`micronet.quantize.prepare`) to ``path``; returns its size in bytes."""
+def act_records(model: nn.Module) -> tuple[list[str], np.ndarray]:
+    """Names and (scale, min, max) fp32 rows of ``model``'s activation quantizers, in their fixed order."""
+    acts = act_quantizers(model)
+    data = np.array([[float(q.scale.reshape(-1)[0]), float(q.min_val), float(q.max_val)] for _, q in acts],
+                    dtype=np.float32).reshape(-1, 3)
+    return [n for n, _ in acts], data
+
+
+def set_act_quantizers(model: TransformerLM, act_bits: int, names: list[str], data: torch.Tensor, where: str) -> None:
+    """Attach activation quantizers to ``model`` and fix them at exported (scale, min, max) rows."""
+    attach_act_quantizers(model, act_bits)
+    acts = act_quantizers(model)
+    if [n for n, _ in acts] != list(names):
+        raise MicronetError(f"{where}: activation quantizers do not match this model's")
+    with torch.no_grad():
+        for (_, q), (scale, lo, hi) in zip(acts, data.tolist()):
+            q.scale.fill_(scale)
+            q.zero_point.zero_()
+            q.min_val.fill_(lo)
+            q.max_val.fill_(hi)
+
+
+def export_packed(model: TransformerLM, path: Path, quant: dict, lineage: dict | None = None) -> int:
+    """Write ``model`` (prepared by :func:`micronet.quantize.prepare`) to ``path`` as packed safetensors,
+    atomically; returns the file's size in bytes."""
     bits = int(quant["bits"])
-    L = levels(bits)
     qnames = quantized_weights(model)
-    sections: list[bytes] = []
-    offset = 0
-
-    def add(data: bytes) -> list[int]:
-        nonlocal offset
-        sections.append(data)
-        offset += len(data)
-        return [offset - len(data), len(data)]
-
-    entries = []
+    tensors: dict[str, np.ndarray] = {}
+    layout: dict[str, dict] = {}
     with torch.no_grad():
         for name in plain_names(model):
-            w = effective(model, name).float().cpu()
             if name not in qnames:
-                entries.append({"name": name, "shape": list(w.shape), "kind": "f32",
-                                "data": add(w.numpy().astype("<f4").tobytes())})
+                tensors[name] = effective(model, name).float().cpu().numpy()
                 continue
-            per_channel = qnames[name]
-            s = weight_scale(model, name).float().cpu()
-            sb = s.view(-1, *[1] * (w.dim() - 1)) if per_channel else s
-            codes = torch.round(w / sb)
-            if codes.abs().max() > L or not torch.equal(codes * sb + 0.0, w):
-                raise MicronetError(f"{name}: weights are not code x scale within +-{L} (not quantized at {bits} bits?)")
-            c = codes.to(torch.int64).numpy().reshape(-1)
+            codes, s = weight_codes(model, name, bits, qnames[name])
+            c = codes.numpy().reshape(-1)
             nz = c != 0
             nnz = int(nz.sum())
             use_mask = c.size + nnz * bits < c.size * bits  # the mask costs numel bits, each zero code b bits
-            entries.append({"name": name, "shape": list(w.shape), "kind": "q", "axis": 0 if per_channel else None,
-                            "nnz": nnz, "mask": add(np.packbits(nz, bitorder="little").tobytes()) if use_mask else None,
-                            "codes": add(pack_codes(c[nz] if use_mask else c, bits)),
-                            "scales": add(s.reshape(-1).numpy().astype("<f4").tobytes())})
-        acts = act_quantizers(model)
-        act = np.array([[float(q.fq.scale.reshape(-1)[0]), float(q.fq.activation_post_process.min_val),
-                         float(q.fq.activation_post_process.max_val)] for _, q in acts], dtype="<f4")
-    header = {"format": 1, "bits": bits, "act_bits": int(quant["act_bits"]), "model_config": as_dict(model.cfg),
-              "cache_config": _cache_config(model), "tensors": entries,
-              "act": {"names": [n for n, _ in acts], "data": add(act.tobytes())}}
-    head = json.dumps(header, separators=(",", ":")).encode()
-    blob = MAGIC + struct.pack("<I", len(head)) + head + b"".join(sections)
+            if use_mask:
+                tensors[f"{name}.mask"] = np.packbits(nz, bitorder="little")
+            tensors[f"{name}.codes"] = np.frombuffer(pack_codes(c[nz] if use_mask else c, bits), np.uint8)
+            tensors[f"{name}.scales"] = s.reshape(-1).numpy()
+            layout[name] = {"shape": list(codes.shape), "axis": 0 if qnames[name] else None, "nnz": nnz}
+    act_names, tensors["activations"] = act_records(model)
+    meta = {"format": FORMAT, "bits": bits, "act_bits": int(quant["act_bits"]), "model_config": as_dict(model.cfg),
+            "cache_config": model_cache_config(model), "quant": quant, "lineage": lineage, "layout": layout,
+            "act_names": act_names}
+    blob = st_save(tensors, metadata={k: json.dumps(v, separators=(",", ":")) for k, v in meta.items()})
     atomic_write_bytes(Path(path), blob)
     return len(blob)
 
 
-def load_mnq(path: Path) -> TransformerLM:
+def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Tensors and metadata (JSON values decoded) of a safetensors file; a bad file is one clear error."""
+    try:
+        with safe_open(str(path), framework="np") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = {k: _json_or_text(v) for k, v in (f.metadata() or {}).items()}
+    except (SafetensorError, ValueError, OSError) as e:
+        raise MicronetError(f"{path} is not a readable safetensors file ({e})") from None
+    return tensors, meta
+
+
+def _json_or_text(value: str) -> object:
+    try:
+        return json.loads(value)
+    except ValueError:  # a plain string (safetensors metadata values are strings)
+        return value
+
+
+def load_packed(path: Path) -> TransformerLM:
     """Rebuild the exported model: dequantized weights, fixed activation quantizers, eval mode."""
-    raw = Path(path).read_bytes()
-    if raw[:4] != MAGIC:
-        raise MicronetError(f"{path} is not a model.mnq file (bad magic)")
-    (hlen,) = struct.unpack("<I", raw[4:8])
-    h = json.loads(raw[8 : 8 + hlen].decode())
-    payload = memoryview(raw)[8 + hlen :]
-
-    def section(ref: list[int]) -> bytes:
-        return bytes(payload[ref[0] : ref[0] + ref[1]])
-
-    model = TransformerLM(ModelConfig(**h["model_config"]))
-    attach_cache(model, CacheConfig(**h["cache_config"]))
-    bits, state = int(h["bits"]), {}
-    for t in h["tensors"]:
-        shape, numel = t["shape"], int(np.prod(t["shape"], dtype=np.int64))
-        if t["kind"] == "f32":
-            state[t["name"]] = torch.from_numpy(np.frombuffer(section(t["data"]), "<f4").copy()).view(shape)
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != FORMAT:
+        raise MicronetError(f"{path} is not a micronet packed export (format {meta.get('format')!r})")
+    model = TransformerLM(ModelConfig(**meta["model_config"]))
+    attach_cache(model, CacheConfig(**meta["cache_config"]))
+    bits, state = int(meta["bits"]), {}
+    for name in plain_names(model):
+        if name not in meta["layout"]:
+            state[name] = torch.from_numpy(tensors[name].copy())
             continue
-        if t["mask"] is None:
-            codes = unpack_codes(section(t["codes"]), bits, numel)
-        else:
-            nz = np.unpackbits(np.frombuffer(section(t["mask"]), np.uint8), bitorder="little")[:numel].astype(bool)
+        t = meta["layout"][name]
+        numel = int(np.prod(t["shape"], dtype=np.int64))
+        if f"{name}.mask" in tensors:
+            nz = np.unpackbits(tensors[f"{name}.mask"], bitorder="little")[:numel].astype(bool)
             codes = np.zeros(numel, np.int64)
-            codes[nz] = unpack_codes(section(t["codes"]), bits, int(t["nnz"]))
-        scales = torch.from_numpy(np.frombuffer(section(t["scales"]), "<f4").copy())
-        sb = scales.view(-1, *[1] * (len(shape) - 1)) if t["axis"] == 0 else scales.reshape(())
-        state[t["name"]] = torch.from_numpy(codes).view(shape).float() * sb
+            codes[nz] = unpack_codes(tensors[f"{name}.codes"].tobytes(), bits, int(t["nnz"]))
+        else:
+            codes = unpack_codes(tensors[f"{name}.codes"].tobytes(), bits, numel)
+        scales = torch.from_numpy(tensors[f"{name}.scales"].copy())
+        state[name] = torch.from_numpy(codes).view(t["shape"]).float() * broadcast_scales(
+            scales, len(t["shape"]), t["axis"] == 0)
     model.load_state_dict(state)
-    names = h["act"]["names"]
-    if names:
-        attach_act_quantizers(model, int(h["act_bits"]))
-        data = np.frombuffer(section(h["act"]["data"]), "<f4").reshape(-1, 3)
-        acts = act_quantizers(model)
-        if [n for n, _ in acts] != names:
-            raise MicronetError(f"{path}: activation quantizers do not match this model's")
-        with torch.no_grad():
-            for (_, q), (scale, lo, hi) in zip(acts, data):
-                q.fq.scale.fill_(float(scale))
-                q.fq.zero_point.zero_()
-                q.fq.activation_post_process.min_val.fill_(float(lo))
-                q.fq.activation_post_process.max_val.fill_(float(hi))
+    if meta["act_names"]:
+        set_act_quantizers(model, int(meta["act_bits"]), meta["act_names"],
+                           torch.from_numpy(tensors["activations"].copy()), str(path))
     return model.eval()
+
+
+def load_export(path: Path) -> TransformerLM:
+    """A quantized run's export: ``packed.safetensors`` or a legacy ``model.mnq`` (by content)."""
+    from micronet.mnq import is_mnq, load_mnq  # (micronet.mnq imports this module)
+
+    path = Path(path)
+    if not path.is_file():
+        raise MicronetError(f"no exported model at {path}")
+    return load_mnq(path) if is_mnq(path) else load_packed(path)
 
 
 def same_weights(a: TransformerLM, b: TransformerLM) -> bool:
@@ -206,7 +236,8 @@ def same_weights(a: TransformerLM, b: TransformerLM) -> bool:
     if not all(torch.equal(effective(a, n).cpu(), effective(b, n).cpu()) for n in names):
         return False
     qa, qb = act_quantizers(a), act_quantizers(b)
-    return len(qa) == len(qb) and all(torch.equal(x.fq.scale.cpu(), y.fq.scale.cpu()) for (_, x), (_, y) in zip(qa, qb))
+    return len(qa) == len(qb) and all(torch.equal(x.scale.cpu(), y.scale.cpu()) for (_, x), (_, y) in zip(qa, qb))
 
 
-__all__ = ["export_mnq", "load_mnq", "pack_codes", "same_weights", "unpack_codes"]
+__all__ = ["export_packed", "load_export", "load_packed", "pack_codes", "read_safetensors", "same_weights",
+           "unpack_codes", "weight_codes"]

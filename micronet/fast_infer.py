@@ -1,7 +1,7 @@
 """Fast CPU inference for a compressed (pruned, quantized) TransformerLM.
 
-    model = build_fast_model("results/<quantize run>/model.mnq")          # int8 kernels (default)
-    model = build_fast_model(load_mnq(path), backend="fp32")             # fp32, no fake quantization
+    model = build_fast_model("results/<quantize run>/packed.safetensors")  # int8 kernels (default)
+    model = build_fast_model(load_export(path), backend="fp32")           # fp32, no fake quantization
     python -m micronet.evaluate name=<run> fast=true                     # the evaluate stage, fast path
 
 The exported model evaluates with *fake* quantization: fp32 weights that happen to be code x scale,
@@ -10,10 +10,12 @@ them), so it is slower than its dense fp32 parent. Here:
 
 * the effective weights (masks and quantizers applied) are copied into a plain TransformerLM and the
   activation fake quantizers are left out (attention goes back to the fused SDPA kernel);
-* ``backend="int8"``: every ``nn.Linear`` of the blocks becomes a
-  ``torch.ao.nn.quantized.dynamic.Linear`` (per-output-channel symmetric qint8 weights, activations
-  quantized per call by the kernel, asymmetric, 7-bit range); 9-bit codes (|c| <= 255) are rounded to 8 bits, a
-  second rounding that costs a little perplexity (measured by ``bench/compressed_inference.py``);
+* ``backend="int8"``: every ``nn.Linear`` of the blocks becomes an :class:`Int8Linear`: plain
+  ``torch.int8`` weight codes with one fp32 scale per output channel (symmetric, max|row| / 127), and
+  activations quantized per call and per row (token) to symmetric int8, multiplied by ``torch._int_mm``
+  (int8 x int8 -> int32, oneDNN on CPU) and rescaled in fp32. No ``torch.ao`` module, no quantized dtype.
+  9-bit codes (|c| <= 255) are rounded to 8 bits, a second rounding that costs a little perplexity
+  (measured by ``bench/compressed_inference.py``);
 * the tied adaptive softmax is replaced by :class:`FastAdaptiveLogSoftmax`: head words and cluster
   logits in one matmul, no concatenation (int8 copies of the tied tables with ``backend="int8"``; the
   fp32 tables stay for the input embedding);
@@ -28,17 +30,12 @@ runs unchanged. It is for inference only (no gradients; the int8 modules have no
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import warnings
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.ao.nn.intrinsic.quantized.dynamic import LinearReLU as DynamicLinearReLU
-from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from micronet.adaptive import AdaptiveLogSoftmax, full_log_probs
 from micronet.cache import CacheConfig, attach_cache, model_cache
@@ -46,41 +43,51 @@ from micronet.config import ConfigError, MicronetError
 from micronet.model import TransformerLM
 
 BACKENDS = ("int8", "fp32")
-# Measured on the WikiText-2 9-bit model, 1 thread, AVX2 (bench/compressed_inference.py and its --engine):
-DEFAULT_ENGINE = "onednn"  # ~5% more tokens per CPU second than fbgemm or x86 (7,450 vs 7,060)
 DEFAULT_SEGMENT_LEN = 32  # attention blocks of n_seq + 32 keys, not n_seq + 96: +11% for dense fp32 too, same loss
 HEAD_ROWS = 1024  # softmax rows per block: (1024, |bin_0|) logits instead of (4032, ...), 56 MB less peak RSS
+INT8_MAX = 127  # symmetric int8 codes in [-127, 127] (-128 unused: the range stays symmetric)
 
 
-@contextlib.contextmanager
-def quant_engine(engine: str) -> Iterator[None]:
-    """Select the quantized engine while weights are packed; the packed weights keep their kernel."""
-    if engine not in torch.backends.quantized.supported_engines:
-        raise ConfigError(f"quantized engine {engine!r} is not supported by this torch build "
-                          f"(supported: {torch.backends.quantized.supported_engines})")
-    old = torch.backends.quantized.engine
-    torch.backends.quantized.engine = engine
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = old
+def int8_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes of each row of ``x`` (N, K) and their scales (N, 1): x ~= codes * scale."""
+    amax = x.abs().amax(dim=1, keepdim=True)  # (N, 1)
+    scale = amax.clamp_min(torch.finfo(torch.float32).tiny) / INT8_MAX  # an all-zero row: codes 0
+    return x.div(scale).round_().to(torch.int8), scale
 
 
-def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = False) -> DynamicLinear:
-    """A dynamic int8 Linear computing ``x @ weight.T + bias`` (then ReLU, fused, with ``relu``):
-    symmetric per-row qint8 weights, scale max|row| / 127 (9-bit codes are rounded to 8 bits here)."""
-    w = weight.detach().float().contiguous()
-    amax = w.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).double()
-    # The modules' forward passes reduce_range=True: activations get 7 bits, so the AVX2 u8 x s8 pair
-    # sums (vpmaddubsw) cannot saturate int16; with 8 bits they can (measured: max errors 3x larger).
-    with warnings.catch_warnings():  # torch 2.13 marks quantized-tensor creation deprecated (pytorch#184982)
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-        qw = torch.quantize_per_channel(w, scale, torch.zeros(len(scale), dtype=torch.long), 0, torch.qint8)
-        cls = DynamicLinearReLU if relu else DynamicLinear
-        mod = cls(w.shape[1], w.shape[0], bias is not None, dtype=torch.qint8)
-        mod.set_weight_bias(qw, None if bias is None else bias.detach().float().contiguous())
-    return mod
+class Int8Linear(nn.Module):
+    """``x @ weight.T + bias`` (then ReLU with ``relu``) as an int8 x int8 matrix product.
+
+    Weights: per-output-channel symmetric int8 codes, stored transposed (in, out) as ``torch._int_mm``
+    wants them, and their fp32 scales. Activations: per-row (token) symmetric int8, quantized per call.
+    The int32 products are rescaled by (row scale x channel scale) in fp32, plus the fp32 bias.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = False):
+        super().__init__()
+        codes, scale = int8_codes(weight.detach().float())
+        self.in_features, self.out_features, self.relu = weight.shape[1], weight.shape[0], relu
+        self.register_buffer("codes_t", codes.t())  # (in, out), a transposed view of the (out, in) codes
+        self.register_buffer("scale", scale.reshape(-1))  # (out,)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)  # (N, in)
+        q, s = int8_codes(rows.float())
+        out = torch._int_mm(q, self.codes_t).float().mul_(s).mul_(self.scale)  # (N, out)
+        if self.bias is not None:
+            out.add_(self.bias)
+        if self.relu:
+            out.clamp_min_(0.0)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, relu={self.relu}"
+
+
+def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = False) -> Int8Linear:
+    """An :class:`Int8Linear` computing ``x @ weight.T + bias`` (then ReLU with ``relu``)."""
+    return Int8Linear(weight, bias, relu)
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> nn.Module:
@@ -186,33 +193,32 @@ def _replace_linears(module: nn.Module) -> int:
     return n
 
 
-def build_fast_model(source: str | Path | nn.Module, backend: str = "int8", engine: str = DEFAULT_ENGINE,
-                     int8_head: bool = True, segment_len: int | None = DEFAULT_SEGMENT_LEN) -> TransformerLM:
-    """The inference model of ``source``, a ``model.mnq`` path or any TransformerLM (fp32, pruned or
-    fake-quantized; not modified).
+def build_fast_model(source: str | Path | nn.Module, backend: str = "int8", int8_head: bool = True,
+                     segment_len: int | None = DEFAULT_SEGMENT_LEN) -> TransformerLM:
+    """The inference model of ``source``, a packed export (``packed.safetensors`` or a legacy ``model.mnq``)
+    or any TransformerLM (fp32, pruned or fake-quantized; not modified).
 
-    ``backend``: ``int8`` (dynamic int8 Linear with ``engine``'s kernels) or ``fp32`` (plain dense fp32
+    ``backend``: ``int8`` (:class:`Int8Linear` layers) or ``fp32`` (plain dense fp32
     weights, no fake quantization). ``int8_head=False`` keeps the softmax in fp32 with the int8 backend.
     ``segment_len``: attention queries per block (None: the model's own); exact attention either way.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"fast backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(source, (str, Path)):
-        from micronet.export import load_mnq
+        from micronet.export import load_export
 
-        source = load_mnq(Path(source))
+        source = load_export(Path(source))
     if not isinstance(source, TransformerLM):
-        raise MicronetError(f"build_fast_model needs a TransformerLM or a model.mnq path, got {type(source).__name__}")
+        raise MicronetError(f"build_fast_model needs a TransformerLM or a packed export path, got {type(source).__name__}")
     if segment_len is not None and segment_len < 1:
         raise ConfigError(f"segment_len must be positive, got {segment_len}")
     model = plain_copy(source, segment_len)
     head_backend = backend if int8_head else "fp32"
-    with quant_engine(engine) if backend == "int8" else contextlib.nullcontext():
-        model.softmax = FastAdaptiveLogSoftmax(model.softmax, head_backend)
-        n_int8 = _replace_linears(model.layers) if backend == "int8" else 0
-    model.fast = {"backend": backend, "engine": engine if backend == "int8" else None,
+    model.softmax = FastAdaptiveLogSoftmax(model.softmax, head_backend)
+    n_int8 = _replace_linears(model.layers) if backend == "int8" else 0
+    model.fast = {"backend": backend, "kernel": "torch._int_mm" if backend == "int8" else None,
                   "int8_head": head_backend == "int8", "int8_linears": n_int8, "segment_len": model.cfg.segment_len}
     return model
 
 
-__all__ = ["FastAdaptiveLogSoftmax", "build_fast_model", "int8_linear", "plain_copy", "quant_engine"]
+__all__ = ["FastAdaptiveLogSoftmax", "Int8Linear", "build_fast_model", "int8_codes", "int8_linear", "plain_copy"]

@@ -9,8 +9,8 @@ Creates ``results/quantize_<name>_step<S>_cache<N>_bits<b>/`` (spec section 6):
   tables and every bias per tensor (``torch.nn.utils.parametrize`` + ``torch.fake_quantize_*``, a
   straight-through estimator). Scales are ``max|w| / (2^(b-1) - 1)`` rounded *up* to 32 - b leading
   bits (the low min(b, 23) mantissa bits zero): never clips, and code x scale is exact in fp32.
-* activations: a per-tensor ``torch.ao.quantization.FakeQuantize`` with EMA (0.999) min/max at 7 points
-  per layer (LN1 out, qkv out, attention probabilities, attn.V, LN2 out, ReLU out, FFN out) plus the
+* activations: a per-tensor symmetric :class:`ActQuant` (EMA (0.999) min/max, ``torch.fake_quantize_*``)
+  at 7 points per layer (LN1 out, qkv out, attention probabilities, attn.V, LN2 out, ReLU out, FFN out) plus the
   final hidden state; they observe only in training mode. Not quantized: position tables, LayerNorms,
   tail projections' outputs, logits, cache maths.
 * pruning masks (zeros of a pruned parent) are kept as :class:`micronet.prune.Mask` parametrizations
@@ -21,7 +21,7 @@ set the activation ranges. ``quant.steps > 1``: QAT through :class:`~micronet.tr
 The checkpoint holds the parametrized state (full-precision originals, masks, quantizer buffers) and
 ``ckpt["quant"]``, from which :func:`prepare_from_checkpoint` (called by ``evaluate.load_model``)
 rebuilds the structure. The job copies the parent's searched cache parameters, evaluates, writes the
-packed export ``model.mnq`` (:mod:`micronet.export`, verified by reloading), scores, and writes
+packed export ``packed.safetensors`` (:mod:`micronet.export`, verified by reloading), scores, and writes
 ``quantize_step<S>.json`` (export size next to the counted storage).
 """
 
@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
 from torch.nn.utils import parametrize
 
 from micronet.cache import attach_cache, checkpoint_cache_config, read_cache_params, write_cache_params
@@ -99,17 +98,53 @@ class WeightQuant(nn.Module):
 
 
 class ActQuant(nn.Module):
-    """Per-tensor symmetric activation fake quantizer; EMA min/max updated only in training mode."""
+    """Per-tensor symmetric activation fake quantizer; EMA min/max updated only in training mode.
+
+    The numerics of the ``torch.ao`` FakeQuantize + MovingAverageMinMaxObserver pair it replaces: the
+    first observed batch sets (min, max), later ones move them by ``1 - ema`` of the way; the scale is
+    ``max(-min, max, 0) / L`` (at least fp32 eps, 1 before any observation), zero point 0.
+    Buffers: ``scale`` (1,), ``zero_point`` (1,) int32, ``min_val``/``max_val`` () (+-inf before any).
+    """
 
     def __init__(self, bits: int, ema: float = 0.999):
         super().__init__()
-        L = levels(bits)
-        self.fq = FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=-L, quant_max=L, dtype=torch.qint32,
-                               qscheme=torch.per_tensor_symmetric, averaging_constant=1.0 - ema)
+        self.bits, self.averaging_constant = bits, 1.0 - ema
+        self.register_buffer("scale", torch.tensor([1.0]))
+        self.register_buffer("zero_point", torch.tensor([0], dtype=torch.int32))
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Update the EMA range and the scale from ``x``."""
+        if x.numel() == 0:
+            return
+        lo, hi = torch.aminmax(x.detach().float())
+        if self.min_val == float("inf") and self.max_val == float("-inf"):  # nothing observed yet
+            self.min_val.copy_(lo)
+            self.max_val.copy_(hi)
+        else:
+            self.min_val.copy_(self.min_val + self.averaging_constant * (lo - self.min_val))
+            self.max_val.copy_(self.max_val + self.averaging_constant * (hi - self.max_val))
+        amax = torch.max(-torch.clamp(self.min_val, max=0.0), torch.clamp(self.max_val, min=0.0))
+        self.scale.copy_(torch.clamp(amax / float(levels(self.bits)), min=torch.finfo(torch.float32).eps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.fq.observer_enabled.fill_(int(self.training))
-        return self.fq(x)
+        if self.training:
+            self.observe(x)
+        L = levels(self.bits)
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, -L, L)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001 (torch's signature)
+        """Checkpoints written with the torch.ao FakeQuantize (``<prefix>fq.*`` keys) load too."""
+        for new, old in (("scale", "fq.scale"), ("zero_point", "fq.zero_point"),
+                         ("min_val", "fq.activation_post_process.min_val"),
+                         ("max_val", "fq.activation_post_process.max_val")):
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old).reshape(getattr(self, new).shape)
+        for old in ("fq.fake_quant_enabled", "fq.observer_enabled", "fq.activation_post_process.eps"):
+            state_dict.pop(prefix + old, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def quantized_weights(model: TransformerLM) -> dict[str, bool]:
@@ -263,7 +298,7 @@ def _plain_model(ckpt: dict) -> TransformerLM:
 
 def run(cfg: DictConfig) -> dict:
     """Quantize a run's checkpoint into its own results dir; returns the quantize summary JSON."""
-    from micronet.export import export_mnq, load_mnq, same_weights
+    from micronet.export import export_packed, load_packed, same_weights
     from micronet.train import OptimConfig, TrainConfig, Trainer, truncate_csv
 
     top = {k: cfg.get(k) for k in QuantizeStageConfig.__dataclass_fields__ if k in cfg}
@@ -331,21 +366,21 @@ def run(cfg: DictConfig) -> dict:
                 log.warning("%s has no %s: the evaluation cache uses learned or default lambda/theta",
                             parent.name, src.name)
         model.cpu().eval()
-        nbytes = export_mnq(model, rd.mnq_path, info)
-        if not same_weights(model, load_mnq(rd.mnq_path)):
-            raise MicronetError(f"{rd.mnq_path} does not reproduce the quantized weights (export bug)")
+        nbytes = export_packed(model, rd.packed_path, {**info, "steps": qc.steps}, resolved["lineage"])
+        if not same_weights(model, load_packed(rd.packed_path)):
+            raise MicronetError(f"{rd.packed_path} does not reproduce the quantized weights (export bug)")
         scored = evaluate_and_score(rd.name, step, qs.eval_splits, qs.eval_chunk_len, n_cache, qs.device)
         setup_logging(rd.log_path("quantize"))
         counted = {c: v["params"] * 4 for c, v in scored["conventions"].items()}  # 32-bit equivalents -> bytes
         out = {"name": rd.name, "step": step, "parent": parent.name, "parent_step": pstep, "bits": qs.bits,
                "act_bits": act_bits, "n_act_quantizers": info["n_act_quantizers"], "n_cache": n_cache,
-               "qat_steps": qc.steps, "mnq_bytes": nbytes, "counted_bytes": counted,
-               "mnq_over_counted": {c: nbytes / v for c, v in counted.items() if v},
+               "qat_steps": qc.steps, "export_file": rd.packed_path.name, "export_bytes": nbytes,
+               "counted_bytes": counted, "export_over_counted": {c: nbytes / v for c, v in counted.items() if v},
                "score": scored["score"], "test_ppl": scored.get("test_ppl")}
         write_json(rd.quantize_path(step), out)
-    log.info("%s: model.mnq %s bytes; counted storage %s bytes (paper) / %s (strict)", rd.name, f"{nbytes:,}",
+    log.info("%s: packed.safetensors %s bytes; counted storage %s bytes (paper) / %s (strict)", rd.name, f"{nbytes:,}",
              f"{counted.get('paper', math.nan):,.0f}", f"{counted.get('strict', math.nan):,.0f}")
-    print(f"{rd.name} step {step}: score {out['score']:.6f}, model.mnq {nbytes:,} bytes; results in {rd.path}")
+    print(f"{rd.name} step {step}: score {out['score']:.6f}, packed.safetensors {nbytes:,} bytes; results in {rd.path}")
     return out
 
 

@@ -7,7 +7,9 @@
 * ``train_results.csv``     one row per validation (appended; a torn last row is dropped on resume)
 * ``<stage>.log``           log of every invocation
 * ``eval_step<S>.json`` (``eval_step<S>_n<N>.json`` with an eval cache of N), ``score_step<S>.json``, ``cache_step<S>_n<N>.yaml``
-* ``quantize_step<S>.json``, ``model.mnq``  quantized runs: summary and packed export (micronet.export)
+* ``quantize_step<S>.json``, ``packed.safetensors``  quantized runs: summary and packed export (micronet.export;
+  runs quantized before it hold a legacy ``model.mnq``, micronet.mnq)
+* ``tb/``                   TensorBoard event files of ``train.tensorboard=true`` runs (micronet.tb_log)
 * ``sensitivity_<target>.yaml/.png``, ``sensitivity_step<S>_curves.json``  pruning sensitivity analysis
 * ``.guard``                held (flock) by the one process working on the directory
 
@@ -228,8 +230,22 @@ class RunDir:
         return self.path / f"quantize_step{int(step)}.json"
 
     @property
+    def packed_path(self) -> Path:
+        return self.path / "packed.safetensors"
+
+    @property
     def mnq_path(self) -> Path:
+        """The legacy packed export of runs quantized before ``packed.safetensors``."""
         return self.path / "model.mnq"
+
+    @property
+    def export_path(self) -> Path:
+        """This quantized run's packed export: ``packed.safetensors``, else a legacy ``model.mnq`` if present."""
+        return self.mnq_path if not self.packed_path.exists() and self.mnq_path.exists() else self.packed_path
+
+    @property
+    def tb_dir(self) -> Path:
+        return self.path / "tb"
 
     def sensitivity_path(self, target: float, ext: str = "yaml") -> Path:
         return self.path / f"sensitivity_{float(target):g}.{ext}"

@@ -33,6 +33,7 @@ from micronet.model import ModelConfig, TransformerLM, count_parameters
 from micronet.progress import bar
 from micronet.results import (CheckpointError, RunDir, append_csv_row, atomic_write_text, code_version,
                               truncate_csv)
+from micronet.tb_log import open_log
 from micronet.train_config import OptimConfig, TrainConfig, build_model_config, lr_at, same_model
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ class Trainer:
         self.bad_steps = 0  # non-finite steps skipped so far in the run (bounded by cfg.max_bad_steps)
         self.pending_losses: list[float] = []  # train losses since the last validation (checkpointed: exact CSV)
         self.pending_validation = False  # a signal interrupted the validation of self.step: redo it on resume
+        self.tb = None  # a micronet.tb_log.TensorBoardLog (train.tensorboard=true, rank 0)
+        self.grad_norm: torch.Tensor | None = None  # of the last step, before clipping (optim.clip > 0)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state(self) -> dict:
@@ -171,7 +174,7 @@ class Trainer:
         self.scaler.scale(loss).backward()
         if self.optim_cfg.clip > 0:
             self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.clip)
+            norm = self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.clip)
             if not self.scaler.is_enabled() and not torch.isfinite(norm):  # fp16: the scaler skips these itself
                 return self._bad_step("gradient", n_tokens)
         self.scaler.step(self.optimizer)
@@ -243,7 +246,10 @@ class Trainer:
                 if math.isfinite(loss):  # NaN: a skipped step (train.max_bad_steps)
                     self.pending_losses.append(loss)
                 tok_s = (self.tokens - tok0) / (time.perf_counter() - t0)
-                pbar.update(status=f"loss {loss:.3f} | {tok_s:,.0f} tok/s | lr {lr_at(self.step - 1, self.optim_cfg, cfg.steps):.2e}")
+                lr = lr_at(self.step - 1, self.optim_cfg, cfg.steps)
+                pbar.update(status=f"loss {loss:.3f} | {tok_s:,.0f} tok/s | lr {lr:.2e}")
+                if self.tb is not None:
+                    self.tb.train_step(self, loss, tok_s, lr)
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     last = self._validate(stop, tok_s, time.perf_counter() - t0) or last
                     if self.pending_validation:
@@ -302,6 +308,8 @@ class Trainer:
                "val_loss": val, "val_ppl": math.exp(val), "lr": lr_at(self.step - 1, self.optim_cfg, self.cfg.steps),
                "tokens_per_s": tok_s, "elapsed_s": elapsed}
         distributed.on_main(lambda: append_csv_row(self.run, row))
+        if self.tb is not None:
+            self.tb.validation(row)
         log.info("step %d: train loss %.4f, val loss %.4f, val ppl %.2f, %.0f tok/s",
                  self.step, row["train_loss"], val, row["val_ppl"], tok_s)
         return row
@@ -335,6 +343,9 @@ def run(cfg: DictConfig) -> dict:
             resolved["lineage"] = lineage("distill", RunDir(trainer.distill.cfg.teacher),
                                           int(trainer.distill.labels.manifest["step"]))
         resumed = trainer.resume()  # every rank loads the same newest checkpoint
+        trainer.tb = open_log(train_cfg.tensorboard, rd, trainer.step, writer)  # rank 0: results/<name>/tb/
+        if trainer.tb is not None:
+            held.callback(trainer.tb.close)
         resolved["code"] = code_version()
         distributed.on_main(lambda: (truncate_csv(rd, trainer.step),
                                      atomic_write_text(rd.config_path, OmegaConf.to_yaml(resolved))))

@@ -51,6 +51,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     stop_after: int = 0  # stop (with a checkpoint) after this many steps in this invocation; 0 = run to the end
     max_bad_steps: int = 0  # skip up to this many steps with a non-finite loss/gradient (per run); 0 = stop at the first
+    tensorboard: bool = False  # TensorBoard event files in results/<name>/tb/ (needs pip install -e '.[tb]')
 
     def validate(self) -> None:
         for k in ("steps", "batch_size", "chunk_len", "eval_every", "save_every", "eval_chunk_len"):

@@ -86,7 +86,7 @@ def test_tiny_lineage_end_to_end_then_skips_and_resumes(kernel, results_root, tm
     score = json.loads(RunDir(QUANT).score_path(1).read_text())
     assert score["settings"]["bits"] == 9 and score["settings"]["n_cache"] == 50
     assert 0 < score["score"] < 1 and math.isfinite(score["test_ppl"])
-    assert (RunDir(QUANT).path / "model.mnq").stat().st_size > 0
+    assert RunDir(QUANT).packed_path.stat().st_size > 0
 
     plot = tmp_path / "ppl_vs_score.png"
     nb = run_notebook("evaluate.ipynb", {"RESULTS_ROOT": str(results_root), "SAVE_PLOT": str(plot)}, tmp_path, kernel)

@@ -76,11 +76,11 @@ def test_activation_quantizers_observe_only_in_training_mode():
     assert info["n_act_quantizers"] == len(act_quantizers(model)) == 7 * 3 + 1
     data = np.random.default_rng(0).integers(0, 60, 500)
     calibrate(model, data, batches=2, batch_size=2, chunk_len=16)
-    scales = [q.fq.scale.clone() for _, q in act_quantizers(model)]
+    scales = [q.scale.clone() for _, q in act_quantizers(model)]
     assert all(s.item() != 1.0 for s in scales)  # calibrated
     with torch.no_grad():
         model.eval()(torch.randint(0, 60, (1, 30)) * 0 + 7)
-    assert all(torch.equal(a, q.fq.scale) for a, (_, q) in zip(scales, act_quantizers(model)))
+    assert all(torch.equal(a, q.scale) for a, (_, q) in zip(scales, act_quantizers(model)))
     assert prepare(tiny_model(), 8, 32)["n_act_quantizers"] == 0  # 32-bit activations: none
 
 
@@ -97,10 +97,10 @@ def test_quantize_stage_writes_a_scored_run_that_loads_everywhere(parent):
     out = quantize.run(compose_cfg("quantize", ["name=t", "bits=9", *QUANT_TINY]))
     rd = RunDir("quantize_t_step6_cache0_bits9")
     assert out["name"] == rd.name and rd.steps() == [1]
-    for path in (rd.score_path(1), rd.quantize_path(1), rd.mnq_path, rd.config_path):
+    for path in (rd.score_path(1), rd.quantize_path(1), rd.packed_path, rd.config_path):
         assert path.exists(), path
     q = json.loads(rd.quantize_path(1).read_text())
-    assert q["mnq_bytes"] == rd.mnq_path.stat().st_size and q["counted_bytes"]["paper"] > 0
+    assert q["export_bytes"] == rd.packed_path.stat().st_size and q["counted_bytes"]["paper"] > 0
     ck = rd.load()
     assert {k: ck["quant"][k] for k in ("bits", "act_bits", "n_act_quantizers")} == \
         {"bits": 9, "act_bits": 9, "n_act_quantizers": 8}
