@@ -20,6 +20,11 @@ import torch
 BLOCK_ELEMS = 1 << 21
 # Inner dimension from which keeping the probabilities beats recomputing them (measured: bench/softmax.py).
 KEEP_PROBS_MIN_DIM = 1
+# Narrow bins (d < NARROW_DIM) keep their probabilities only up to this many (rows x words): above it the
+# backward recomputes them. The 8.3M model's 242,735-word, d=4 bin holds ~774 x 242,735 = 188M of them
+# per 14 x 1152 batch (0.75 GB fp32, 0.38 GB bf16), for a recompute that is one thin matmul and one exp
+# pass over it: the memory was worth more (issue 16's RSS target).
+KEEP_PROBS_MAX_NARROW_ELEMS = 1 << 25
 # Inner dimension below which the backward runs its two matmuls transposed (measured: see the backward).
 NARROW_DIM = 16
 
@@ -31,41 +36,45 @@ def _rows_per_block(n_words: int, block_elems: int) -> int:
 class _LinearTargetLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
-                block_elems: int, keep_probs: bool) -> torch.Tensor:
+                block_elems: int, keep_probs: bool, mm_dtype: torch.dtype) -> torch.Tensor:
         dtype = torch.promote_types(x.dtype, torch.float32)  # at least fp32: the normaliser needs it
         with torch.autocast(x.device.type, enabled=False):
-            xw, w = x.to(dtype), weight.to(dtype)
-            b = bias.to(dtype) if bias is not None else None
+            xw, w = x.to(mm_dtype), weight.to(mm_dtype)
+            b = bias.to(mm_dtype) if bias is not None else None
             N, V = x.shape[0], w.shape[0]
             R = _rows_per_block(V, block_elems)
             lse = torch.empty(N, dtype=dtype, device=x.device)
             picked = torch.empty_like(lse)
-            probs = torch.empty(N, V, dtype=dtype, device=x.device) if keep_probs else None
+            # bf16: logits, exponentials and kept probabilities in bf16 (half the memory and traffic), the
+            # sums, log-normaliser and output in fp32.
+            probs = torch.empty(N, V, dtype=mm_dtype, device=x.device) if keep_probs else None
             for a in range(0, N, R):
                 out = probs[a : a + R] if keep_probs else None
                 logits = _logits(xw[a : a + R], w, b, out)  # (R, V)
                 picked[a : a + R] = logits.gather(1, target[a : a + R, None]).squeeze(1)
                 m = logits.amax(1, keepdim=True)  # (R, 1)
                 e = logits.sub_(m).exp_()  # (R, V) unnormalised probabilities, in place
-                s = e.sum(1, keepdim=True)  # (R, 1)
-                lse[a : a + R] = (m + s.log()).squeeze(1)
+                s = e.sum(1, keepdim=True, dtype=dtype)  # (R, 1)
+                lse[a : a + R] = (m.to(dtype) + s.log()).squeeze(1)
                 if keep_probs:
                     e.div_(s)
-        ctx.save_for_backward(x, weight, bias, target, lse, probs)
-        ctx.block_elems = block_elems
-        return picked - lse
+        out = picked - lse
+        ctx.save_for_backward(x, weight, bias, target, lse, probs, out)
+        ctx.block_elems, ctx.mm_dtype = block_elems, mm_dtype
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, weight, bias, target, lse, probs = ctx.saved_tensors
-        dtype = lse.dtype
+        x, weight, bias, target, lse, probs, out = ctx.saved_tensors
+        dtype, mm_dtype = lse.dtype, ctx.mm_dtype
+        low = mm_dtype != dtype  # bf16 matmuls and logit gradient
         with torch.autocast(x.device.type, enabled=False):
-            xw, w = x.to(dtype), weight.to(dtype)
-            b = bias.to(dtype) if bias is not None else None
+            xw, w = x.to(mm_dtype), weight.to(mm_dtype)
+            b = bias.to(mm_dtype) if bias is not None else None
             g = grad.to(dtype)
             gx = torch.empty_like(xw) if ctx.needs_input_grad[0] else None
-            gw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
-            gb = torch.zeros_like(b) if b is not None and ctx.needs_input_grad[2] else None
+            gw = torch.zeros(w.shape, dtype=dtype, device=w.device) if ctx.needs_input_grad[1] else None
+            gb = torch.zeros(b.shape, dtype=dtype, device=b.device) if b is not None and ctx.needs_input_grad[2] else None
             # Narrow bins (the rare-word tails, d of 4-8): MKL runs (R, V) @ (V, d) and (V, R) @ (R, d) 2.7x and
             # 5x faster as their transposes, (d, V) @ (V, R) and (d, R) @ (R, V) (measured at 90 x 23,278, d 8).
             narrow = w.shape[1] < NARROW_DIM
@@ -77,11 +86,15 @@ class _LinearTargetLogProb(torch.autograd.Function):
                 if probs is not None:
                     # The kept probabilities become the logit gradient in place, with no second (R, V) buffer;
                     # autograd's version counter refuses a second backward through them (retain_graph).
-                    dl = probs[a : a + R].mul_(-ga)  # (R, V)
+                    dl = probs[a : a + R].mul_(-ga.to(mm_dtype))  # (R, V)
                 else:  # recompute this block's softmax
-                    dl = _logits(xa, w, b).sub_(lse[a : a + R, None]).exp_().mul_(-ga)  # (R, V)
+                    dl = _logits(xa, w, b).sub_(lse[a : a + R, None].to(mm_dtype)).exp_().mul_(-ga.to(mm_dtype))
                 # d log p_t / d logits = onehot(t) - softmax, scaled by the incoming gradient.
-                dl.scatter_add_(1, target[a : a + R, None], ga)
+                ta = target[a : a + R, None]
+                if low:  # the target column from the fp32 log-prob: g (1 - p_t) with one rounding, not bf16's 1 - p_t
+                    dl.scatter_(1, ta, (ga * -torch.expm1(out[a : a + R, None])).to(mm_dtype))
+                else:
+                    dl.scatter_add_(1, ta, ga)
                 if gx is not None:
                     if narrow:
                         gx[a : a + R] = torch.mm(w.T, dl.T).T  # (d, V) @ (V, R) -> (R, d)
@@ -90,12 +103,14 @@ class _LinearTargetLogProb(torch.autograd.Function):
                 if gw is not None:
                     if narrow:
                         gw += torch.mm(xa.T, dl).T  # (d, R) @ (R, V) -> (V, d)
+                    elif low:
+                        gw += torch.mm(dl.T, xa)
                     else:
                         gw.addmm_(dl.T, xa)
                 if gb is not None:
-                    gb += dl.sum(0)
+                    gb += dl.sum(0)  # bf16 sums accumulate in fp32 (no fp32 copy of dl)
         return (gx.to(x.dtype) if gx is not None else None, gw.to(weight.dtype) if gw is not None else None,
-                gb.to(bias.dtype) if gb is not None else None, None, None, None)
+                gb.to(bias.dtype) if gb is not None else None, None, None, None, None)
 
 
 def _logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,15 +124,23 @@ def target_log_prob(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                     block_elems: int | None = None, keep_probs: bool | None = None) -> torch.Tensor:
     """``log_softmax(x @ weight.T + bias)[n, target[n]]`` for every row: x (N, d), weight (V, d), bias (V,)
     or None, target (N,) int64 in [0, V) -> (N,) in at least fp32, with gradients for x, weight and bias.
+    Under bf16 autocast (or for bf16 ``x``) the matmuls, logits and kept probabilities are bf16; the
+    exponential sums, the log-normaliser, the output and the weight/bias gradients' sums stay fp32.
 
     ``keep_probs``: store the (N, V) probabilities for the backward (when gradients are needed) instead of
     recomputing them; default: store when ``d >= KEEP_PROBS_MIN_DIM``, which is 1 (storing was faster for
-    every bin of the 8.3M model; raising it trades that speed for the memory of the narrow, wide tails).
+    every bin of the 8.3M model), except for a narrow bin of more than ``KEEP_PROBS_MAX_NARROW_ELEMS``
+    probabilities (the 8.3M model's rare-word tail), whose memory is worth more than the recompute.
     """
     block_elems = block_elems or BLOCK_ELEMS
+    mm_dtype = torch.promote_types(x.dtype, torch.float32)
+    if x.dtype == torch.bfloat16 or (torch.is_autocast_enabled(x.device.type)
+                                     and torch.get_autocast_dtype(x.device.type) == torch.bfloat16):
+        mm_dtype = torch.bfloat16  # bf16 autocast: bf16 matmuls, fp32 normaliser (see the forward)
     if keep_probs is None:
-        keep_probs = x.shape[1] >= KEEP_PROBS_MIN_DIM
+        keep_probs = x.shape[1] >= KEEP_PROBS_MIN_DIM and not (
+            x.shape[1] < NARROW_DIM and x.shape[0] * weight.shape[0] > KEEP_PROBS_MAX_NARROW_ELEMS)
     keep_probs = keep_probs and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if x.shape[0] == 0:
         return x.new_zeros(0, dtype=torch.promote_types(x.dtype, torch.float32))
-    return _LinearTargetLogProb.apply(x, weight, bias, target, block_elems, keep_probs)
+    return _LinearTargetLogProb.apply(x, weight, bias, target, block_elems, keep_probs, mm_dtype)
