@@ -8,6 +8,9 @@ all rows at once (the default: fastest measured, for every bin width), or, with 
 recomputes each block's logits (one extra matmul, and no (rows x words) buffer: the 8.3M model's
 rare-word bin is 242,735 words wide, about 0.8 GB of fp32 per training batch).
 
+Narrow bins over many words (the 8.3M model's 242,735-word d=4 tail) take a third path instead, by
+column blocks, in fp32 and keeping nothing (:func:`narrow_target_log_prob`).
+
 Measured on the 8.3M training batch (14 x 1152 tokens, one thread), side by side in one process:
 see ``bench/softmax.py``.
 """
@@ -20,11 +23,12 @@ import torch
 BLOCK_ELEMS = 1 << 21
 # Inner dimension from which keeping the probabilities beats recomputing them (measured: bench/softmax.py).
 KEEP_PROBS_MIN_DIM = 1
-# Narrow bins (d < NARROW_DIM) keep their probabilities only up to this many (rows x words): above it the
-# backward recomputes them. The 8.3M model's 242,735-word, d=4 bin holds ~774 x 242,735 = 188M of them
-# per 14 x 1152 batch (0.75 GB fp32, 0.38 GB bf16), for a recompute that is one thin matmul and one exp
-# pass over it: the memory was worth more (issue 16's RSS target).
-KEEP_PROBS_MAX_NARROW_ELEMS = 1 << 25
+# Narrow bins (d < NARROW_DIM) of more logits (rows x words) than this take the column-blocked path
+# (:class:`_NarrowTargetLogProb`): fp32, nothing kept, every pass over a cache-resident block. The 8.3M
+# model's 242,735-word, d=4 bin has ~774 x 242,735 = 188M logits per 14 x 1152 batch (0.75 GB fp32 kept).
+NARROW_BLOCKED_MIN_ELEMS = 1 << 22
+# Logits per column block of that path: ~2 MB of fp32 (L2/L3-resident while all its passes run).
+NARROW_BLOCK_ELEMS = 1 << 19
 # Inner dimension below which the backward runs its two matmuls transposed (measured: see the backward).
 NARROW_DIM = 16
 
@@ -113,6 +117,70 @@ class _LinearTargetLogProb(torch.autograd.Function):
                 gb.to(bias.dtype) if gb is not None else None, None, None, None, None)
 
 
+class _NarrowTargetLogProb(torch.autograd.Function):
+    """The same function for a narrow bin (d of 4-8) over many words, by blocks of columns (words).
+
+    A d=4 bin's matmuls are trivial and its cost is the passes over (rows x words) logits, so this path
+    makes every pass hit a block in cache: the forward runs an online softmax (running max and rescaled
+    sum, as flash attention does) over column blocks of all rows, the backward recomputes each block's
+    probabilities from the fp32 log-normaliser. The one-hot part of the gradient, g * (e_t - p), is added
+    once by index; blocks only carry -g * p. fp32 (fp64 for fp64 inputs) whatever the autocast: bf16 buys
+    nothing at d=4 and its elementwise passes were slower here (1.36 s vs 0.88 s for the 8.3M batch).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                cols: int) -> torch.Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            xf, w = x.to(dtype), weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            N, V = xf.shape[0], w.shape[0]
+            m = torch.full((N, 1), float("-inf"), dtype=dtype, device=x.device)  # running row max
+            s = torch.zeros(N, 1, dtype=dtype, device=x.device)  # running sum of exp(logit - m)
+            for c in range(0, V, cols):
+                z = _logits(xf, w[c : c + cols], b[c : c + cols] if b is not None else None)  # (N, cols)
+                m_new = torch.maximum(m, z.amax(1, keepdim=True))
+                s = s * (m - m_new).exp_() + z.sub_(m_new).exp_().sum(1, keepdim=True)
+                m = m_new
+            lse = (m + s.log()).squeeze(1)  # (N,)
+            picked = (xf * w[target]).sum(1) + (b[target] if b is not None else 0)  # (N,) logit of the target
+        ctx.save_for_backward(x, weight, bias, target, lse)
+        ctx.cols = cols
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, bias, target, lse = ctx.saved_tensors
+        dtype, cols = lse.dtype, ctx.cols
+        with torch.autocast(x.device.type, enabled=False):
+            xf, w = x.to(dtype), weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            g = grad.to(dtype)[:, None]  # (N, 1)
+            # the one-hot part: d log p_t / d logit_t += g
+            gx = g * w[target]  # (N, d)
+            gw = torch.zeros_like(w).index_add_(0, target, g * xf)  # (V, d)
+            gb = torch.zeros_like(b).index_add_(0, target, g[:, 0]) if b is not None else None
+            for c in range(0, w.shape[0], cols):
+                wc = w[c : c + cols]
+                p = _logits(xf, wc, b[c : c + cols] if b is not None else None).sub_(lse[:, None]).exp_().mul_(g)
+                gx -= torch.mm(wc.T, p.T).T  # (d, cols) @ (cols, N): the transposed (narrow) products
+                gw[c : c + cols] -= torch.mm(xf.T, p).T  # (d, N) @ (N, cols) -> (cols, d)
+                if gb is not None:
+                    gb[c : c + cols] -= p.sum(0)
+        return (gx.to(x.dtype) if ctx.needs_input_grad[0] else None,
+                gw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
+                gb.to(bias.dtype) if gb is not None and ctx.needs_input_grad[2] else None, None, None)
+
+
+def narrow_target_log_prob(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                           block_elems: int | None = None) -> torch.Tensor:
+    """:func:`target_log_prob` by column blocks of ``block_elems`` logits (default ``NARROW_BLOCK_ELEMS``),
+    in fp32: the path of narrow, wide bins (see :class:`_NarrowTargetLogProb`)."""
+    cols = max(1, (block_elems or NARROW_BLOCK_ELEMS) // max(1, x.shape[0]))
+    return _NarrowTargetLogProb.apply(x, weight, bias, target, cols)
+
+
 def _logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """x (R, d) @ w.T (+ b) -> (R, V), into ``out`` when given."""
     if b is None:
@@ -129,17 +197,20 @@ def target_log_prob(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
     ``keep_probs``: store the (N, V) probabilities for the backward (when gradients are needed) instead of
     recomputing them; default: store when ``d >= KEEP_PROBS_MIN_DIM``, which is 1 (storing was faster for
-    every bin of the 8.3M model), except for a narrow bin of more than ``KEEP_PROBS_MAX_NARROW_ELEMS``
-    probabilities (the 8.3M model's rare-word tail), whose memory is worth more than the recompute.
+    every bin of the 8.3M model). A narrow bin (``d < NARROW_DIM``) of more than ``NARROW_BLOCKED_MIN_ELEMS``
+    logits, such as the 8.3M model's rare-word tail, takes :func:`narrow_target_log_prob` unless
+    ``keep_probs`` or ``block_elems`` is given.
     """
+    if x.shape[1] < NARROW_DIM and x.shape[0] * weight.shape[0] > NARROW_BLOCKED_MIN_ELEMS and x.shape[0] \
+            and keep_probs is None and block_elems is None:
+        return narrow_target_log_prob(x, weight, bias, target)
     block_elems = block_elems or BLOCK_ELEMS
     mm_dtype = torch.promote_types(x.dtype, torch.float32)
     if x.dtype == torch.bfloat16 or (torch.is_autocast_enabled(x.device.type)
                                      and torch.get_autocast_dtype(x.device.type) == torch.bfloat16):
         mm_dtype = torch.bfloat16  # bf16 autocast: bf16 matmuls, fp32 normaliser (see the forward)
     if keep_probs is None:
-        keep_probs = x.shape[1] >= KEEP_PROBS_MIN_DIM and not (
-            x.shape[1] < NARROW_DIM and x.shape[0] * weight.shape[0] > KEEP_PROBS_MAX_NARROW_ELEMS)
+        keep_probs = x.shape[1] >= KEEP_PROBS_MIN_DIM
     keep_probs = keep_probs and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if x.shape[0] == 0:
         return x.new_zeros(0, dtype=torch.promote_types(x.dtype, torch.float32))

@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from micronet import linear_softmax
 from micronet.band_attention import windows
 from micronet.dropout import _HashDropout, keep_scale
-from micronet.linear_softmax import target_log_prob
+from micronet.linear_softmax import NARROW_BLOCKED_MIN_ELEMS, narrow_target_log_prob, target_log_prob
 from micronet.model import ModelConfig, TransformerLM
 
 BF16_GRAD_RTOL = 2e-2
@@ -52,7 +53,7 @@ def test_target_log_prob_matches_fp64(precision, keep_probs, d, V):
         got = target_log_prob(*ins, t, block_elems=4096, keep_probs=keep_probs)
     grads = torch.autograd.grad((got * up).sum(), ins)
     assert got.dtype == torch.float32  # the log-probabilities are fp32 either way
-    err = got.double() - ref.detach()
+    err = got.detach().double() - ref.detach()
     if precision == "fp32":
         torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=1e-5)
         assert all(rel_err(a, r) < 1e-5 for a, r in zip(grads, ref_grads))
@@ -63,6 +64,44 @@ def test_target_log_prob_matches_fp64(precision, keep_probs, d, V):
         errs = [rel_err(a, r) for a, r in zip(grads, ref_grads)]
         assert max(errs) < BF16_GRAD_RTOL, errs
         assert max(errs) > 1e-5  # really ran in bf16 (fp32 would be ~1e-7)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("block_elems", [1, 37 * 23, 1 << 19])  # one column per block, ragged blocks, one block
+def test_column_blocked_narrow_path_is_exact_in_fp64(block_elems, with_bias):
+    g = torch.Generator().manual_seed(1)
+    N, V, d = 23, 101, 4
+    x, w = (torch.randn(n, d, dtype=torch.float64, generator=g, requires_grad=True) for n in (N, V))
+    b = torch.randn(V, dtype=torch.float64, generator=g, requires_grad=True) if with_bias else None
+    t, up = torch.randint(0, V, (N,), generator=g), torch.randn(N, dtype=torch.float64, generator=g)
+    params = [x, w] + ([b] if with_bias else [])
+    got = narrow_target_log_prob(x, w, b, t, block_elems=block_elems)
+    ref = F.log_softmax(x @ w.T + (b if with_bias else 0), -1).gather(1, t[:, None]).squeeze(1)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    for a, r in zip(torch.autograd.grad((got * up).sum(), params), torch.autograd.grad((ref * up).sum(), params)):
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_wide_narrow_bin_takes_the_column_blocked_path_and_matches_fp64(precision, monkeypatch):
+    """A d=4 bin of more than NARROW_BLOCKED_MIN_ELEMS logits (the 8.3M's rare-word tail, scaled down):
+    fp32 inside even under bf16 autocast, so fp32 tolerances hold in both precisions."""
+    g = torch.Generator().manual_seed(2)
+    N, V, d = 70, NARROW_BLOCKED_MIN_ELEMS // 70 + 1000, 4
+    x, w = torch.randn(N, d, generator=g), torch.randn(V, d, generator=g) * 0.5
+    b, t, up = torch.randn(V, generator=g) * 0.1, torch.randint(0, V, (N,), generator=g), torch.randn(N, generator=g)
+    calls, real = [], linear_softmax._NarrowTargetLogProb.apply
+    monkeypatch.setattr(linear_softmax._NarrowTargetLogProb, "apply", lambda *a: calls.append(1) or real(*a))
+    ins = [a.clone().requires_grad_() for a in (x, w, b)]
+    with autocast(precision == "bf16"):
+        got = target_log_prob(*ins, t)
+    grads = torch.autograd.grad((got * up).sum(), ins)
+    assert calls and got.dtype == torch.float32
+    ref_in = [a.double().requires_grad_() for a in (x, w, b)]
+    ref = F.log_softmax(ref_in[0] @ ref_in[1].T + ref_in[2], -1).gather(1, t[:, None]).squeeze(1)
+    torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    for a, r in zip(grads, torch.autograd.grad((ref * up.double()).sum(), ref_in)):
+        assert rel_err(a, r) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
