@@ -166,8 +166,10 @@ def test_bf16_training_step_matches_fp64(dropout):
     ref_lp, ref_grads = loss_and_grads(ref_model, False)
     lp, grads = loss_and_grads(model, True)
     assert lp.dtype == torch.float32
-    assert float((lp.double() - ref_lp).abs().max()) < 0.05  # log-probs ~ -5.7: ~2**-7 of them
-    assert abs(float(lp.double().mean() - ref_lp.mean())) < 5e-3
+    lp, ref_lp = lp.detach().double(), ref_lp.detach()
+    # measured: max |error| 0.006, mean error < 8e-4, gradients 1.0-1.2% on average, 4% at most (a bias)
+    assert float((lp - ref_lp).abs().max()) < 0.02  # log-probs ~ -5.7: ~2**-8 of them
+    assert abs(float(lp.mean() - ref_lp.mean())) < 5e-3
     errs = {n: rel_err(g, r) for (n, _), g, r in zip(model.named_parameters(), grads, ref_grads)}
-    assert max(errs.values()) < 0.05, errs  # through 2 layers of bf16 activations
+    assert max(errs.values()) < 0.08, errs  # through 2 layers of bf16 activations
     assert sum(errs.values()) / len(errs) < BF16_GRAD_RTOL, errs
