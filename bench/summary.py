@@ -1,5 +1,5 @@
 """Every performance figure of the project in one run: each bench script in turn, with the machine's
-fp32 matmul rate measured right before and right after it, gathered into one table.
+fp32 and bf16 matmul rates measured right before and right after it, gathered into one table.
 
     python bench/summary.py [--only throughput,cache_search] [--out bench/out/summary.json] [--md FILE]
 
@@ -7,7 +7,9 @@ Each bench runs in its own subprocess (its own peak RSS, nothing left over from 
 writes its JSON next to this summary (``bench/out/<bench>.json``); this process only measures the
 matmul rate between them and reads the JSON back. The markdown table (stdout, and ``--md``) has one
 row per figure: value, target where the project has one, and the matmul rate around its bench, so a
-figure can be read against how fast this (noisy, shared) machine was at that moment. A bench that
+figure can be read against how fast this (noisy, shared) machine was at that moment. ``throughput`` gives
+every case in fp32 and bf16 (MFU against the matching matmul rate); ``side_by_side`` gives the ratios to
+the pinned reference commit (issue 16's targets), alternated in the same run. A bench that
 fails (e.g. ``compressed_inference`` without the WikiText-2 lineage's checkpoints) is reported as
 failed with its last error line; the others still run.
 """
@@ -26,12 +28,14 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import matmul_gflops  # noqa: E402
+from throughput import matmul_rates  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # name: command-line arguments (besides --out); the settings the README's speed section quotes
 BENCHES: dict[str, list[str]] = {
-    "throughput": ["--cases", "8.3M,wt2_default,wt2_8.3M", "--steps", "10", "--warmup", "6", "--min-seconds", "30"],
+    "throughput": ["--cases", "8.3M,wt2_default,wt2_8.3M", "--amp", "none,bf16", "--steps", "10", "--warmup", "6",
+                   "--min-seconds", "30"],
+    "side_by_side": ["--ref-commit", "640791f", "--cases", "8.3M,wt2_default", "--rounds", "2"],
     "softmax": ["--reps", "3"],
     "attention": [],
     "eval_cache": [],
@@ -47,16 +51,40 @@ def _throughput(d: dict) -> list[Row]:
     targets = {"8.3M": ">= 55%", "wt2_default": ">= 45%"}
     rows = []
     for c in d["cases"]:
-        n = c["case"]
+        n, amp = c["case"], "bf16" if c.get("amp") == "bf16" else "fp32"
         rows += [
-            (f"train MFU, {n}", f"{c['train_mfu']:.1%} ({c['train_mfu_vs_max']:.1%} vs the higher rate)",
-             targets.get(n, "")),
-            (f"train tokens/s, {n}", f"{c['train_tokens_per_s']:,.0f}", ""),
-            (f"batch-1 eval tokens/s, {n}", f"{c['eval_tokens_per_s']:,.0f}", ""),
-            (f"batch-1 eval tokens/s with cache 3000, {n}",
+            (f"train MFU, {n}, {amp} (vs the {amp} matmul rate)",
+             f"{c['train_mfu']:.1%} ({c['train_mfu_vs_max']:.1%} vs the higher rate)", targets.get(n, "") if amp == "fp32" else ""),
+            (f"train tokens/s, {n}, {amp}", f"{c['train_tokens_per_s']:,.0f}", ""),
+            (f"batch-1 eval tokens/s, {n}, {amp}", f"{c['eval_tokens_per_s']:,.0f}", ""),
+            (f"batch-1 eval tokens/s with cache 3000, {n}, {amp}",
              f"{c['eval_cache3000_tokens_per_s']:,.0f} ({c['eval_cache3000_time_ratio']:.2f}x the time)",
              "original: 1.72x"),
         ]
+    return rows
+
+
+# issue 16's targets, as ratios to the reference commit's fp32 code: (figure key, label, target, lower is better)
+SIDE_BY_SIDE_TARGETS = {
+    "8.3M": [("train_tokens_per_s", "training tokens/s", ">= 1.67x", False),
+             ("eval_cache3000_tokens_per_s", "batch-1 eval tokens/s, cache 3000", ">= 1.38x", False),
+             ("eval_tokens_per_s", "batch-1 eval tokens/s, no cache", ">= 1.85x", False),
+             ("peak_rss_mb_so_far", "training peak RSS", "<= 0.65x", True)],
+    "wt2_default": [("train_tokens_per_s", "training tokens/s", ">= 1.5x", False)],
+}
+
+
+def _side_by_side(d: dict) -> list[Row]:
+    rows = []
+    for c in d["cases"]:
+        n = c["case"]
+        for key, label, target, _ in SIDE_BY_SIDE_TARGETS.get(n, SIDE_BY_SIDE_TARGETS["wt2_default"]):
+            ref, fp32, bf16 = (c[v][key] for v in ("ref_fp32", "ours_fp32", "ours_bf16"))
+            r32, r16 = (c[f"{v}_vs_ref_fp32_{key}"] for v in ("ours_fp32", "ours_bf16"))
+            unit = "MB" if key.startswith("peak_rss") else "tok/s"
+            rows.append((f"{label}, {n}: ours bf16 / ours fp32 / {d['ref_commit']} fp32 ({c['rounds']} rounds)",
+                         f"{bf16:,.0f} / {fp32:,.0f} / {ref:,.0f} {unit}: **{r16['median']:.2f}x** bf16 "
+                         f"({', '.join(f'{x:.2f}' for x in r16['per_round'])}), {r32['median']:.2f}x fp32", target))
     return rows
 
 
@@ -117,18 +145,19 @@ def _memory(d: dict) -> list[Row]:
 ROWS: dict[str, Callable[[dict], list[Row]]] = {
     "throughput": _throughput, "softmax": _softmax, "attention": _attention, "eval_cache": _eval_cache,
     "cache_search": _cache_search, "compressed_inference": _compressed, "memory": _memory,
+    "side_by_side": _side_by_side,
 }
 
 
 def run_bench(name: str, out_dir: Path) -> dict:
     """Run one bench in a subprocess between two matmul measurements; its JSON, rows, rates and seconds."""
     out = out_dir / f"{name}.json"
-    before = matmul_gflops()
+    before = matmul_rates()
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(HERE / f"{name}.py"), *BENCHES[name], "--out", str(out)],
                           capture_output=True, text=True)
     seconds = time.perf_counter() - t0
-    after = matmul_gflops()
+    after = matmul_rates()
     entry: dict = {"bench": name, "args": BENCHES[name], "seconds": seconds,
                    "matmul_gflops": {"before": before, "after": after}}
     if proc.returncode != 0:
@@ -140,10 +169,11 @@ def run_bench(name: str, out_dir: Path) -> dict:
 
 
 def markdown(entries: list[dict]) -> str:
-    """One row per figure, with the matmul rate measured around the bench it comes from."""
-    lines = ["| figure | measured | target | fp32 matmul GFLOP/s (before / after) |", "|---|---|---|---|"]
+    """One row per figure, with the matmul rates measured around the bench it comes from."""
+    lines = ["| figure | measured | target | matmul GFLOP/s fp32, bf16 (before / after) |", "|---|---|---|---|"]
     for e in entries:
-        rate = f"{e['matmul_gflops']['before']:.0f} / {e['matmul_gflops']['after']:.0f}"
+        b, a = e["matmul_gflops"]["before"], e["matmul_gflops"]["after"]
+        rate = f"{b['fp32']:.0f} / {a['fp32']:.0f}, {b['bf16']:.0f} / {a['bf16']:.0f}"
         if "error" in e:
             lines.append(f"| {e['bench']} | failed: {e['error']} | | {rate} |")
         for fig, value, target in e.get("rows", []):

@@ -1,10 +1,14 @@
-"""Training and evaluation throughput, the machine's fp32 matmul rate, and model-FLOPs utilisation.
+"""Training and evaluation throughput in fp32 and bf16, the machine's matmul rates, and model-FLOPs utilisation.
 
-    python bench/throughput.py [--out bench/out/throughput.json] [--cases 8.3M,wt2_default]
+    python bench/throughput.py [--out bench/out/throughput.json] [--cases 8.3M,wt2_default] [--amp none,bf16]
 
 Everything is measured in one process, side by side, so ratios are comparable on a noisy machine:
-the fp32 matmul rate is measured right before and right after every case, and the case's MFU is
-given against their mean (``*_mfu``) and against the higher of the two (``*_mfu_vs_max``).
+every (case, precision) is one row; ``--amp none`` is exact fp32, ``bf16`` trains under bf16 autocast
+and evaluates under it (log-probabilities in fp32). The fp32 and bf16 matmul rates are measured right
+before and right after every row, and its MFU is given against the mean of the rate of its own precision
+(``*_mfu``) and against the higher of the two (``*_mfu_vs_max``). The bench only uses the library's public
+API, so ``PYTHONPATH=<worktree of another commit>`` times that commit's code with the same harness
+(bench/side_by_side.py).
 Training is timed after ``--warmup`` steps, once the allocator's heap has reached its working size
 (the minor page faults of the timed steps are reported), over at least ``--steps`` steps and
 ``--min-seconds`` (tokens/s over the whole window; the median step is reported beside it). Model
@@ -50,9 +54,9 @@ def model_config(name: str) -> ModelConfig:
     return ModelConfig(**{**OmegaConf.to_container(OmegaConf.load(CONF / f"{conf}.yaml")), "vocab_size": vocab})
 
 
-def matmul_gflops(n: int = 2048, seconds: float = 3.0) -> float:
-    """Sustained fp32 GEMM rate of this machine with torch's current thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 2048, seconds: float = 3.0, dtype: torch.dtype = torch.float32) -> float:
+    """Sustained GEMM rate (fp32 or bf16) of this machine with torch's current thread count."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
     reps, t0 = 0, time.perf_counter()
@@ -93,13 +97,20 @@ def forward_flops_per_token(cfg: ModelConfig, bin_fractions: tuple[float, ...], 
     return flops
 
 
-def bench_case(name: str, steps: int, warmup: int, min_seconds: float, tmp: Path) -> dict:
+def matmul_rates(seconds: float = 3.0) -> dict:
+    """fp32 and bf16 GEMM rates, GFLOP/s."""
+    return {"fp32": matmul_gflops(seconds=seconds), "bf16": matmul_gflops(seconds=seconds, dtype=torch.bfloat16)}
+
+
+def bench_case(name: str, steps: int, warmup: int, min_seconds: float, tmp: Path, amp: str = "none",
+               batch: int | None = None) -> dict:
     cfg = model_config(name)
-    batch, chunk, eval_tokens = CASES[name][2:]
+    case_batch, chunk, eval_tokens = CASES[name][2:]
+    batch = batch or case_batch
     tokens = synthetic_tokens(cfg, 400_000)
     corpus = Corpus(vocab=[str(i) for i in range(cfg.vocab_size)], train=tokens, valid=tokens[:eval_tokens + 1],
                     test=tokens[:eval_tokens + 1], manifest={"vocab_size": cfg.vocab_size})
-    tcfg = TrainConfig(steps=10_000, batch_size=batch, chunk_len=chunk, device="cpu")
+    tcfg = TrainConfig(steps=10_000, batch_size=batch, chunk_len=chunk, device="cpu", amp=amp)
     trainer = Trainer(RunDir(f"bench_{name}", tmp), tcfg, OptimConfig(warmup_steps=10), cfg, None, corpus, {})
     for _ in range(warmup):  # allocator heap, kernels
         trainer.train_step()
@@ -114,17 +125,18 @@ def bench_case(name: str, steps: int, warmup: int, min_seconds: float, tmp: Path
     steps = len(step_s)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
     train_tok_s = steps * batch * chunk / train_s
-    evaluate_stream(trainer.model, tokens[:4033], 4032, "cpu")  # warm-up
-    t0 = time.perf_counter()
-    evaluate_stream(trainer.model, corpus.valid, 4032, "cpu")
-    eval_tok_s = eval_tokens / (time.perf_counter() - t0)
-    cache = EvalCache(3000, DEFAULT_LAMBDA, DEFAULT_THETA)  # the best model's evaluation cache size
-    t0 = time.perf_counter()
-    evaluate_stream(trainer.model, corpus.valid, 4032, "cpu", cache=cache)
-    eval_cache_tok_s = eval_tokens / (time.perf_counter() - t0)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+        evaluate_stream(trainer.model, tokens[:4033], 4032, "cpu")  # warm-up
+        t0 = time.perf_counter()
+        evaluate_stream(trainer.model, corpus.valid, 4032, "cpu")
+        eval_tok_s = eval_tokens / (time.perf_counter() - t0)
+        cache = EvalCache(3000, DEFAULT_LAMBDA, DEFAULT_THETA)  # the best model's evaluation cache size
+        t0 = time.perf_counter()
+        evaluate_stream(trainer.model, corpus.valid, 4032, "cpu", cache=cache)
+        eval_cache_tok_s = eval_tokens / (time.perf_counter() - t0)
     fr = WT103_TEST_BINS
     return {
-        "case": name, "params": count_parameters(trainer.model), "batch": batch, "chunk_len": chunk,
+        "case": name, "amp": amp, "params": count_parameters(trainer.model), "batch": batch, "chunk_len": chunk,
         "segment_len": cfg.segment_len, "dropout": cfg.dropout, "train_steps": steps, "warmup_steps": warmup,
         "train_page_faults_per_step": faults, "train_seconds": train_s,
         "train_tokens_per_s_median_step": batch * chunk / float(np.median(step_s)),
@@ -139,6 +151,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "throughput.json")
     ap.add_argument("--cases", default="8.3M,wt2_default")
+    ap.add_argument("--amp", default="none,bf16", help="precisions, comma-separated: none (fp32), bf16")
+    ap.add_argument("--batch", type=int, help="training batch instead of the case's (quick looks only)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--min-seconds", type=float, default=20.0, help="time training for at least this long")
@@ -149,17 +163,20 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.cases.split(","):
-            before = matmul_gflops()
-            row = bench_case(name, args.steps, args.warmup, args.min_seconds, Path(tmp))
-            after = matmul_gflops()
-            row["matmul_gflops"] = {"before": before, "after": after}
-            for kind in ("train", "eval"):
-                achieved = row[f"{kind}_tokens_per_s"] * row[f"{kind}_gflop_per_token"]
-                row[f"{kind}_gflops"] = achieved
-                row[f"{kind}_mfu"] = achieved / ((before + after) / 2)
-                row[f"{kind}_mfu_vs_max"] = achieved / max(before, after)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for amp in args.amp.split(","):
+                before = matmul_rates()
+                row = bench_case(name, args.steps, args.warmup, args.min_seconds, Path(tmp), amp, args.batch)
+                after = matmul_rates()
+                row["matmul_gflops"] = {"before": before, "after": after}
+                rate = "bf16" if amp == "bf16" else "fp32"  # MFU against the rate of the row's own precision
+                for kind in ("train", "eval"):
+                    achieved = row[f"{kind}_tokens_per_s"] * row[f"{kind}_gflop_per_token"]
+                    row[f"{kind}_gflops"] = achieved
+                    row[f"{kind}_mfu"] = achieved / ((before[rate] + after[rate]) / 2)
+                    row[f"{kind}_mfu_vs_max"] = achieved / max(before[rate], after[rate])
+                row["peak_rss_mb_so_far"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     result = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
                           "torch": torch.__version__},
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cases": rows}

@@ -34,12 +34,15 @@ class _Windows(torch.autograd.Function):
         n_seq, L = ctx.n_seq, ctx.L
         S, W = (P - n_seq) // L, n_seq + L
         out = gk.new_zeros(B, P + L, 2, H, dh)  # L spare positions: the last block's view may reach past P
-        for i, g in enumerate((gk, gv)):
-            g = g.view(B, S, H, W, dh)
-            for start in range(0, W, L):  # window columns [start, start + w) of all segments at once
-                w = min(L, W - start)
-                dst = out[:, start : start + S * L, i].view(B, S, L, H, dh)[:, :, :w]  # (B, S, w, H, dh)
-                dst += g[:, :, :, start : start + w].transpose(2, 3)
+        # One copy to the positions' layout, (B, S, W, 2, H, dh), so that each block's add below reads and
+        # writes (2, H, dh) runs contiguously (adding the transposed windows directly was ~10x slower).
+        g = gk.new_empty(B, S, W, 2, H, dh)
+        for i, gi in enumerate((gk, gv)):
+            g[:, :, :, i].copy_(gi.view(B, S, H, W, dh).transpose(2, 3))
+        for start in range(0, W, L):  # window columns [start, start + w) of all segments at once
+            w = min(L, W - start)
+            dst = out[:, start : start + S * L].view(B, S, L, 2, H, dh)[:, :, :w]  # (B, S, w, 2, H, dh)
+            dst += g[:, :, start : start + w]
         return out[:, :P], None, None
 
 

@@ -190,7 +190,9 @@ class EvalCache:
     """Batch-1 online evaluation cache: keys persist across chunks, :meth:`reset` per split.
 
     Keys and values live in a left-padded window of exactly ``n_cache`` slots, the last
-    ``n_valid`` of them real, so each chunk's queries see ``cat(window, chunk)`` as a band.
+    ``n_valid`` of them real, so each chunk's queries see ``window + chunk`` as a band. The window
+    and the chunk share one buffer of ``n_cache + T`` rows (two, used in turn), and the scores of a
+    block one flat buffer: after the first chunk no call allocates anything of the band's size.
     """
 
     def __init__(self, n_cache: int, lam: float, theta: float, query_block: int | None = None):
@@ -200,8 +202,9 @@ class EvalCache:
         self.n_cache, self.lam, self.theta = n_cache, lam, theta
         # queries per block: bq x (bq + n) scores for bq x n useful ones; n / 4 wastes little
         self.query_block = query_block or max(64, n_cache // 4)
-        self.keys: torch.Tensor | None = None  # (n_cache, d)
-        self.values: torch.Tensor | None = None  # (n_cache,), -1 in empty slots
+        self._bufs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (keys (n + T, d), values (n + T,) int32)
+        self._scores: torch.Tensor | None = None  # flat, >= bq * (bq + n - 1)
+        self._match: torch.Tensor | None = None  # flat bool, >= bq * n
         self.n_valid = 0
 
     def params(self) -> dict:
@@ -209,39 +212,75 @@ class EvalCache:
 
     def reset(self) -> None:
         """Forget every entry (start of a split)."""
-        self.keys = self.values = None
+        self._bufs = []
         self.n_valid = 0
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """The window's keys (n_cache, d), left-padded; None before the first chunk."""
+        return self._bufs[0][0][: self.n_cache] if self._bufs else None
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """The window's values (n_cache,), -1 in empty slots."""
+        return self._bufs[0][1][: self.n_cache] if self._bufs else None
+
+    def _window(self, T: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffers of >= n + T rows with the window in the first n; the spare one becomes the next."""
+        n, d = self.n_cache, q.shape[1]
+        if not self._bufs:
+            keys = q.new_zeros(n + T, d)
+            self._bufs = [(keys, torch.full((n + T,), -1, dtype=torch.int32, device=q.device))]
+        keys, values = self._bufs[0]
+        if keys.shape[0] < n + T or keys.dtype != q.dtype:  # a longer chunk: grow (rare: chunks are equal)
+            grown = (q.new_zeros(n + T, d), values.new_full((n + T,), -1))
+            grown[0][:n], grown[1][:n] = keys[:n], values[:n]
+            self._bufs = [grown]
+        if len(self._bufs) == 1:
+            self._bufs.append((torch.empty_like(self._bufs[0][0]), torch.empty_like(self._bufs[0][1])))
+        return self._bufs[0]
 
     @torch.no_grad()
     def __call__(self, h: torch.Tensor, target: torch.Tensor, lp_model: torch.Tensor) -> torch.Tensor:
         """One chunk: h (1, T, d), target (1, T), lp_model (1, T) -> mixed log p (1, T); stores the chunk."""
         n = self.n_cache
         q, y = (h[0] if h.dtype == torch.float64 else h[0].float()), target[0]  # (T, d), (T,)
-        if self.keys is None:
-            self.keys = q.new_zeros(n, q.shape[1])
-            self.values = y.new_full((n,), -1)
-        keys = torch.cat([self.keys.to(q.dtype), q])  # (n + T, d): query t's window is keys[t : t + n]
-        values = torch.cat([self.values, y])  # (n + T,)
+        T = len(y)
+        buf_k, buf_v = self._window(T, q)
+        keys, values = buf_k[: n + T], buf_v[: n + T]  # query t's window is keys[t : t + n]
+        keys[n:].copy_(q)
+        values[n:].copy_(y)
+        qs = q * self.theta  # theta on the T queries, not on the T x n scores
+        bq_max = min(self.query_block, T)
+        if self._scores is None or self._scores.numel() < bq_max * (bq_max + n - 1) or self._scores.dtype != q.dtype:
+            self._scores = q.new_empty(bq_max * (bq_max + n - 1))
+            self._match = torch.empty(bq_max * n, dtype=torch.bool, device=q.device)
         empty = n - self.n_valid  # slots [0, empty) of the window hold no entry
-        z_all, z_match = q.new_empty(len(y)), q.new_empty(len(y))
-        for a in range(0, len(y), self.query_block):
-            b = min(a + self.query_block, len(y))
-            s = band_dots(q[a:b], keys[a:], n) * self.theta  # (bq, n), contiguous
+        z_all, z_match = q.new_empty(T), q.new_empty(T)
+        for a in range(0, T, self.query_block):
+            b = min(a + self.query_block, T)
+            m, W = b - a, b - a + n - 1
+            full = torch.mm(qs[a:b], keys[a : a + W].T, out=self._scores[: m * W].view(m, W))  # (m, W)
+            s = full.as_strided((m, n), (W + 1, 1))  # (m, n) band: row i = query a + i's window, a view
             if a < empty:
                 slot = torch.arange(a, b, device=q.device)[:, None] + torch.arange(n, device=q.device)[None]
                 s.masked_fill_(slot < empty, -math.inf)
-            # Centre by the row max (no overflow, the max term is exactly 1) and sum in place.
-            top = s.amax(dim=1, keepdim=True)  # (bq, 1); -inf only for a split's first query
+            # Centre by the row max (no overflow, the max term is exactly 1) and sum, in place in the band.
+            top = s.amax(dim=1, keepdim=True)  # (m, 1); -inf only for a split's first query
             s.sub_(torch.where(torch.isfinite(top), top, 0.0)).exp_()
             z_all[a:b] = s.sum(dim=1)
-            match = values.unfold(0, n, 1)[a:b] == y[a:b, None]  # (bq, n) entries whose value is the target
-            z_match[a:b] = torch.where(match, s, 0.0).sum(dim=1)
+            match = torch.eq(values.unfold(0, n, 1)[a:b], values[n + a : n + b, None],
+                             out=self._match[: m * n].view(m, n))  # (m, n) entries whose value is the target
+            z_match[a:b] = s.mul_(match).sum(dim=1)
         has_entries, has_match = z_all > 0, z_match > 0
         lpc = torch.where(has_match, torch.log(z_match) - torch.log(z_all), 0.0)
         out = mix_log_probs(lp_model[0].to(q.dtype), lpc, has_match, has_entries,
                             math.log(self.lam) if self.lam > 0 else -math.inf, math.log1p(-self.lam))
-        self.keys, self.values = keys[-n:], values[-n:]
-        self.n_valid = min(n, self.n_valid + len(y))
+        nxt_k, nxt_v = self._bufs[1]  # the last n entries become the next chunk's window
+        nxt_k[:n].copy_(keys[-n:])
+        nxt_v[:n].copy_(values[-n:])
+        self._bufs.reverse()
+        self.n_valid = min(n, self.n_valid + T)
         return out[None]  # (1, T)
 
 

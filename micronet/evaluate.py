@@ -1,11 +1,12 @@
 """Evaluate stage: batch-1 online perplexity with memory carried over the whole split.
 
-    python -m micronet.evaluate name=<run> [step=S] [splits=[valid,test]] [fast=true]
+    python -m micronet.evaluate name=<run> [step=S] [splits=[valid,test]] [fast=true | amp=bf16]
 
 Writes ``results/<name>/eval_step<S>.json`` (``eval_step<S>_n<N>.json`` with ``n_cache=N``) with loss (mean NLL, nats), ppl and tokens per split.
 ``fast=true`` evaluates the CPU inference model of :mod:`micronet.fast_infer` (int8 kernels, no fake
-quantization) instead, into ``eval_step<S>[_n<N>]_fast.json``: the reference files (which ``score`` reads)
-keep the exact model's figures.
+quantization) instead, into ``eval_step<S>[_n<N>]_fast.json``; ``amp=bf16`` evaluates the same model under
+bf16 autocast (log-probabilities, normalisers and cache in fp32) into ``eval_step<S>[_n<N>]_bf16.json``.
+The reference files (which ``score`` reads) keep the exact fp32 model's figures.
 """
 
 from __future__ import annotations
@@ -44,10 +45,13 @@ class EvalConfig:
     device: str = "auto"
     n_cache: int = 0  # evaluation cache size (independent of training's); 0 = off
     fast: bool = False  # evaluate micronet.fast_infer's int8 CPU inference model; results in *_fast.json
+    amp: str = "none"  # none: exact fp32; bf16: bf16 autocast, results in *_bf16.json
 
     def validate(self) -> None:
         if self.chunk_len < 1 or self.n_cache < 0:
             raise ValueError(f"chunk_len must be positive and n_cache >= 0, got {self.chunk_len}, {self.n_cache}")
+        if self.amp not in ("none", "bf16") or (self.fast and self.amp != "none"):
+            raise ValueError(f"amp must be none or bf16 (and none with fast=true), got amp={self.amp!r}")
         bad = [s for s in self.splits if s not in ("train", "valid", "test")]
         if bad:
             raise ValueError(f"splits must be among train/valid/test, got {bad}")
@@ -137,11 +141,15 @@ def run(cfg: DictConfig) -> dict:
         out["fast"] = model.fast
         path = path.with_name(f"{path.stem}_fast.json")
         log.info("fast inference model: %s", model.fast)
+    if ecfg.amp == "bf16":
+        out["amp"] = "bf16"
+        path = path.with_name(f"{path.stem}_bf16.json")
     if path.exists():  # keep results of splits not evaluated this time
         out = {**json.loads(path.read_text()), **out}
     for split in ecfg.splits:
         t0 = time.perf_counter()
-        nll, n = evaluate_stream(model, corpus.split(split), ecfg.chunk_len, device, desc=split, cache=cache)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ecfg.amp == "bf16"):
+            nll, n = evaluate_stream(model, corpus.split(split), ecfg.chunk_len, device, desc=split, cache=cache)
         secs = time.perf_counter() - t0
         out[split] = {"loss": nll / n, "ppl": math.exp(nll / n), "tokens": n, "tokens_per_s": n / secs,
                       "cache": cache_info}

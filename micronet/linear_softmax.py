@@ -8,6 +8,9 @@ all rows at once (the default: fastest measured, for every bin width), or, with 
 recomputes each block's logits (one extra matmul, and no (rows x words) buffer: the 8.3M model's
 rare-word bin is 242,735 words wide, about 0.8 GB of fp32 per training batch).
 
+Narrow bins over many words (the 8.3M model's 242,735-word d=4 tail) take a third path instead, by
+column blocks, in fp32 and keeping nothing (:func:`narrow_target_log_prob`).
+
 Measured on the 8.3M training batch (14 x 1152 tokens, one thread), side by side in one process:
 see ``bench/softmax.py``.
 """
@@ -20,6 +23,12 @@ import torch
 BLOCK_ELEMS = 1 << 21
 # Inner dimension from which keeping the probabilities beats recomputing them (measured: bench/softmax.py).
 KEEP_PROBS_MIN_DIM = 1
+# Narrow bins (d < NARROW_DIM) of more logits (rows x words) than this take the column-blocked path
+# (:class:`_NarrowTargetLogProb`): fp32, nothing kept, every pass over a cache-resident block. The 8.3M
+# model's 242,735-word, d=4 bin has ~774 x 242,735 = 188M logits per 14 x 1152 batch (0.75 GB fp32 kept).
+NARROW_BLOCKED_MIN_ELEMS = 1 << 22
+# Logits per column block of that path: ~2 MB of fp32 (L2/L3-resident while all its passes run).
+NARROW_BLOCK_ELEMS = 1 << 19
 # Inner dimension below which the backward runs its two matmuls transposed (measured: see the backward).
 NARROW_DIM = 16
 
@@ -31,41 +40,45 @@ def _rows_per_block(n_words: int, block_elems: int) -> int:
 class _LinearTargetLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
-                block_elems: int, keep_probs: bool) -> torch.Tensor:
+                block_elems: int, keep_probs: bool, mm_dtype: torch.dtype) -> torch.Tensor:
         dtype = torch.promote_types(x.dtype, torch.float32)  # at least fp32: the normaliser needs it
         with torch.autocast(x.device.type, enabled=False):
-            xw, w = x.to(dtype), weight.to(dtype)
-            b = bias.to(dtype) if bias is not None else None
+            xw, w = x.to(mm_dtype), weight.to(mm_dtype)
+            b = bias.to(mm_dtype) if bias is not None else None
             N, V = x.shape[0], w.shape[0]
             R = _rows_per_block(V, block_elems)
             lse = torch.empty(N, dtype=dtype, device=x.device)
             picked = torch.empty_like(lse)
-            probs = torch.empty(N, V, dtype=dtype, device=x.device) if keep_probs else None
+            # bf16: logits, exponentials and kept probabilities in bf16 (half the memory and traffic), the
+            # sums, log-normaliser and output in fp32.
+            probs = torch.empty(N, V, dtype=mm_dtype, device=x.device) if keep_probs else None
             for a in range(0, N, R):
                 out = probs[a : a + R] if keep_probs else None
                 logits = _logits(xw[a : a + R], w, b, out)  # (R, V)
                 picked[a : a + R] = logits.gather(1, target[a : a + R, None]).squeeze(1)
                 m = logits.amax(1, keepdim=True)  # (R, 1)
                 e = logits.sub_(m).exp_()  # (R, V) unnormalised probabilities, in place
-                s = e.sum(1, keepdim=True)  # (R, 1)
-                lse[a : a + R] = (m + s.log()).squeeze(1)
+                s = e.sum(1, keepdim=True, dtype=dtype)  # (R, 1)
+                lse[a : a + R] = (m.to(dtype) + s.log()).squeeze(1)
                 if keep_probs:
                     e.div_(s)
-        ctx.save_for_backward(x, weight, bias, target, lse, probs)
-        ctx.block_elems = block_elems
-        return picked - lse
+        out = picked - lse
+        ctx.save_for_backward(x, weight, bias, target, lse, probs, out)
+        ctx.block_elems, ctx.mm_dtype = block_elems, mm_dtype
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, weight, bias, target, lse, probs = ctx.saved_tensors
-        dtype = lse.dtype
+        x, weight, bias, target, lse, probs, out = ctx.saved_tensors
+        dtype, mm_dtype = lse.dtype, ctx.mm_dtype
+        low = mm_dtype != dtype  # bf16 matmuls and logit gradient
         with torch.autocast(x.device.type, enabled=False):
-            xw, w = x.to(dtype), weight.to(dtype)
-            b = bias.to(dtype) if bias is not None else None
+            xw, w = x.to(mm_dtype), weight.to(mm_dtype)
+            b = bias.to(mm_dtype) if bias is not None else None
             g = grad.to(dtype)
             gx = torch.empty_like(xw) if ctx.needs_input_grad[0] else None
-            gw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
-            gb = torch.zeros_like(b) if b is not None and ctx.needs_input_grad[2] else None
+            gw = torch.zeros(w.shape, dtype=dtype, device=w.device) if ctx.needs_input_grad[1] else None
+            gb = torch.zeros(b.shape, dtype=dtype, device=b.device) if b is not None and ctx.needs_input_grad[2] else None
             # Narrow bins (the rare-word tails, d of 4-8): MKL runs (R, V) @ (V, d) and (V, R) @ (R, d) 2.7x and
             # 5x faster as their transposes, (d, V) @ (V, R) and (d, R) @ (R, V) (measured at 90 x 23,278, d 8).
             narrow = w.shape[1] < NARROW_DIM
@@ -77,11 +90,15 @@ class _LinearTargetLogProb(torch.autograd.Function):
                 if probs is not None:
                     # The kept probabilities become the logit gradient in place, with no second (R, V) buffer;
                     # autograd's version counter refuses a second backward through them (retain_graph).
-                    dl = probs[a : a + R].mul_(-ga)  # (R, V)
+                    dl = probs[a : a + R].mul_(-ga.to(mm_dtype))  # (R, V)
                 else:  # recompute this block's softmax
-                    dl = _logits(xa, w, b).sub_(lse[a : a + R, None]).exp_().mul_(-ga)  # (R, V)
+                    dl = _logits(xa, w, b).sub_(lse[a : a + R, None].to(mm_dtype)).exp_().mul_(-ga.to(mm_dtype))
                 # d log p_t / d logits = onehot(t) - softmax, scaled by the incoming gradient.
-                dl.scatter_add_(1, target[a : a + R, None], ga)
+                ta = target[a : a + R, None]
+                if low:  # the target column from the fp32 log-prob: g (1 - p_t) with one rounding, not bf16's 1 - p_t
+                    dl.scatter_(1, ta, (ga * -torch.expm1(out[a : a + R, None])).to(mm_dtype))
+                else:
+                    dl.scatter_add_(1, ta, ga)
                 if gx is not None:
                     if narrow:
                         gx[a : a + R] = torch.mm(w.T, dl.T).T  # (d, V) @ (V, R) -> (R, d)
@@ -90,12 +107,78 @@ class _LinearTargetLogProb(torch.autograd.Function):
                 if gw is not None:
                     if narrow:
                         gw += torch.mm(xa.T, dl).T  # (d, R) @ (R, V) -> (V, d)
+                    elif low:
+                        gw += torch.mm(dl.T, xa)
                     else:
                         gw.addmm_(dl.T, xa)
                 if gb is not None:
-                    gb += dl.sum(0)
+                    gb += dl.sum(0)  # bf16 sums accumulate in fp32 (no fp32 copy of dl)
         return (gx.to(x.dtype) if gx is not None else None, gw.to(weight.dtype) if gw is not None else None,
-                gb.to(bias.dtype) if gb is not None else None, None, None, None)
+                gb.to(bias.dtype) if gb is not None else None, None, None, None, None)
+
+
+class _NarrowTargetLogProb(torch.autograd.Function):
+    """The same function for a narrow bin (d of 4-8) over many words, by blocks of columns (words).
+
+    A d=4 bin's matmuls are trivial and its cost is the passes over (rows x words) logits, so this path
+    makes every pass hit a block in cache: the forward runs an online softmax (running max and rescaled
+    sum, as flash attention does) over column blocks of all rows, the backward recomputes each block's
+    probabilities from the fp32 log-normaliser. The one-hot part of the gradient, g * (e_t - p), is added
+    once by index; blocks only carry -g * p. fp32 (fp64 for fp64 inputs) whatever the autocast: bf16 buys
+    nothing at d=4 and its elementwise passes were slower here (1.36 s vs 0.88 s for the 8.3M batch).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                cols: int) -> torch.Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            xf, w = x.to(dtype), weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            N, V = xf.shape[0], w.shape[0]
+            m = torch.full((N, 1), float("-inf"), dtype=dtype, device=x.device)  # running row max
+            s = torch.zeros(N, 1, dtype=dtype, device=x.device)  # running sum of exp(logit - m)
+            for c in range(0, V, cols):
+                z = _logits(xf, w[c : c + cols], b[c : c + cols] if b is not None else None)  # (N, cols)
+                m_new = torch.maximum(m, z.amax(1, keepdim=True))
+                s = s * (m - m_new).exp_() + z.sub_(m_new).exp_().sum(1, keepdim=True)
+                m = m_new
+            lse = (m + s.log()).squeeze(1)  # (N,)
+            picked = (xf * w[target]).sum(1) + (b[target] if b is not None else 0)  # (N,) logit of the target
+        ctx.save_for_backward(x, weight, bias, target, lse)
+        ctx.cols = cols
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, bias, target, lse = ctx.saved_tensors
+        dtype, cols = lse.dtype, ctx.cols
+        with torch.autocast(x.device.type, enabled=False):
+            xf, w = x.to(dtype), weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            g = grad.to(dtype)[:, None]  # (N, 1)
+            # the one-hot part: d log p_t / d logit_t += g
+            gx = g * w[target]  # (N, d)
+            gw = torch.zeros_like(w).index_add_(0, target, g * xf)  # (V, d)
+            gb = torch.zeros_like(b).index_add_(0, target, g[:, 0]) if b is not None else None
+            for c in range(0, w.shape[0], cols):
+                wc = w[c : c + cols]
+                p = _logits(xf, wc, b[c : c + cols] if b is not None else None).sub_(lse[:, None]).exp_().mul_(g)
+                gx -= torch.mm(wc.T, p.T).T  # (d, cols) @ (cols, N): the transposed (narrow) products
+                gw[c : c + cols] -= torch.mm(xf.T, p).T  # (d, N) @ (N, cols) -> (cols, d)
+                if gb is not None:
+                    gb[c : c + cols] -= p.sum(0)
+        return (gx.to(x.dtype) if ctx.needs_input_grad[0] else None,
+                gw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
+                gb.to(bias.dtype) if gb is not None and ctx.needs_input_grad[2] else None, None, None)
+
+
+def narrow_target_log_prob(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                           block_elems: int | None = None) -> torch.Tensor:
+    """:func:`target_log_prob` by column blocks of ``block_elems`` logits (default ``NARROW_BLOCK_ELEMS``),
+    in fp32: the path of narrow, wide bins (see :class:`_NarrowTargetLogProb`)."""
+    cols = max(1, (block_elems or NARROW_BLOCK_ELEMS) // max(1, x.shape[0]))
+    return _NarrowTargetLogProb.apply(x, weight, bias, target, cols)
 
 
 def _logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,15 +192,26 @@ def target_log_prob(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                     block_elems: int | None = None, keep_probs: bool | None = None) -> torch.Tensor:
     """``log_softmax(x @ weight.T + bias)[n, target[n]]`` for every row: x (N, d), weight (V, d), bias (V,)
     or None, target (N,) int64 in [0, V) -> (N,) in at least fp32, with gradients for x, weight and bias.
+    Under bf16 autocast (or for bf16 ``x``) the matmuls, logits and kept probabilities are bf16; the
+    exponential sums, the log-normaliser, the output and the weight/bias gradients' sums stay fp32.
 
     ``keep_probs``: store the (N, V) probabilities for the backward (when gradients are needed) instead of
     recomputing them; default: store when ``d >= KEEP_PROBS_MIN_DIM``, which is 1 (storing was faster for
-    every bin of the 8.3M model; raising it trades that speed for the memory of the narrow, wide tails).
+    every bin of the 8.3M model). A narrow bin (``d < NARROW_DIM``) of more than ``NARROW_BLOCKED_MIN_ELEMS``
+    logits, such as the 8.3M model's rare-word tail, takes :func:`narrow_target_log_prob` unless
+    ``keep_probs`` or ``block_elems`` is given.
     """
+    if x.shape[1] < NARROW_DIM and x.shape[0] * weight.shape[0] > NARROW_BLOCKED_MIN_ELEMS and x.shape[0] \
+            and keep_probs is None and block_elems is None:
+        return narrow_target_log_prob(x, weight, bias, target)
     block_elems = block_elems or BLOCK_ELEMS
+    mm_dtype = torch.promote_types(x.dtype, torch.float32)
+    if x.dtype == torch.bfloat16 or (torch.is_autocast_enabled(x.device.type)
+                                     and torch.get_autocast_dtype(x.device.type) == torch.bfloat16):
+        mm_dtype = torch.bfloat16  # bf16 autocast: bf16 matmuls, fp32 normaliser (see the forward)
     if keep_probs is None:
         keep_probs = x.shape[1] >= KEEP_PROBS_MIN_DIM
     keep_probs = keep_probs and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if x.shape[0] == 0:
         return x.new_zeros(0, dtype=torch.promote_types(x.dtype, torch.float32))
-    return _LinearTargetLogProb.apply(x, weight, bias, target, block_elems, keep_probs)
+    return _LinearTargetLogProb.apply(x, weight, bias, target, block_elems, keep_probs, mm_dtype)

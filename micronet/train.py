@@ -34,7 +34,7 @@ from micronet.progress import bar
 from micronet.results import (CheckpointError, RunDir, append_csv_row, atomic_write_text, code_version,
                               truncate_csv)
 from micronet.tb_log import open_log
-from micronet.train_config import OptimConfig, TrainConfig, build_model_config, lr_at, same_model
+from micronet.train_config import OptimConfig, TrainConfig, build_model_config, lr_at, resolve_amp, same_model
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,11 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
                                           eps=optim.eps, weight_decay=optim.weight_decay, fused=True)
         self.rng = np.random.default_rng(cfg.seed)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.amp = resolve_amp(cfg.amp, self.device)  # autocast precision; weights and Adam state stay fp32
+        if cfg.amp == "auto":
+            log.info("train.amp=auto: %s on %s (train.amp=none for exact fp32)",
+                     "bf16 autocast" if self.amp == "bf16" else "fp32, no fast bf16", self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         self.step = 0
         self.tokens = 0
         self.bad_steps = 0  # non-finite steps skipped so far in the run (bounded by cfg.max_bad_steps)
@@ -165,7 +169,7 @@ class Trainer:
         x, y, starts = sample_batch(self.corpus.train, cfg.batch_size, cfg.chunk_len, self.rng)
         n_tokens, rows = x.numel(), distributed.batch_rows(cfg.batch_size)
         x, y = x[rows].to(self.device), y[rows].to(self.device)
-        with _amp_context(self.device, cfg.amp):
+        with _amp_context(self.device, self.amp):
             loss, h = self.objective(x, y, starts[rows])
         batch_loss = distributed.mean(loss.detach())  # of the global batch: the same on every rank
         if not torch.isfinite(batch_loss):

@@ -10,11 +10,32 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from micronet.config import ConfigError, typed
 from micronet.data import Corpus
 from micronet.model import ModelConfig
+
+
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matmuls natively: CPUs with avx512_bf16 or AMX, CUDA GPUs with bf16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """The training precision of ``train.amp`` on ``device``: ``auto`` becomes ``bf16`` where
+    :func:`fast_bf16` (same quality as fp32: tests/test_bf16.py), else ``none``."""
+    if amp != "auto":
+        return amp
+    return "bf16" if fast_bf16(device) else "none"
 
 
 @dataclass
@@ -47,7 +68,7 @@ class TrainConfig:
     eval_chunk_len: int = 4032
     seed: int = 0
     device: str = "auto"
-    amp: str = "none"  # none | bf16 | fp16 (fp16 on CUDA only)
+    amp: str = "auto"  # auto (bf16 where the device has fast bf16, else none) | none (exact fp32) | bf16 | fp16 (CUDA)
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     stop_after: int = 0  # stop (with a checkpoint) after this many steps in this invocation; 0 = run to the end
     max_bad_steps: int = 0  # skip up to this many steps with a non-finite loss/gradient (per run); 0 = stop at the first
@@ -59,8 +80,8 @@ class TrainConfig:
                 raise ValueError(f"train.{k} must be a positive integer, got {getattr(self, k)}")
         if self.max_bad_steps < 0:
             raise ValueError(f"train.max_bad_steps must be >= 0, got {self.max_bad_steps}")
-        if self.amp not in ("none", "bf16", "fp16"):
-            raise ValueError(f"train.amp must be none, bf16 or fp16, got {self.amp!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"train.amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
 
 
 def lr_at(step: int, optim: OptimConfig, total: int) -> float:

@@ -28,6 +28,7 @@ from test_soft_labels import tiny_env, tiny_train  # noqa: F401 (fixture)
 ARGS = [
     *TINY_MODEL, *TINY_TRAIN, "model.cutoffs=[2000,10000,28000]", "model.bin_dims=[16,8,4,4]", "model.dropout=0",
     "train.batch_size=4", "train.save_every=1", "hebbian.enabled=true", "cache.n_cache=16",
+    "train.amp=none",  # exact fp32: the comparison below is at fp32 tolerance
 ]
 STEPS = 6
 
@@ -193,7 +194,8 @@ def test_distillation_reads_each_ranks_rows(tiny_env, results_root):
     train.run(tiny_train("teach", tiny_env))
     soft_labels.run(compose_cfg("soft_labels", ["name=teach", "topk=4", "chunk_len=64", "block_tokens=64",
                                                 "threads=1"]))
-    student = ["distill.teacher=teach", "distill.topk=4", "train.batch_size=4", "model.dropout=0"]
+    student = ["distill.teacher=teach", "distill.topk=4", "train.batch_size=4", "model.dropout=0",
+               "train.amp=none"]  # exact fp32: compared at fp32 tolerance
     train.run(tiny_train("one", tiny_env, *student))
     forked(results_root, tiny_train("two", tiny_env, *student))
     a, b = RunDir("one").load(4), RunDir("two").load(4)
