@@ -234,7 +234,8 @@ def runs_table(rows: Sequence[Mapping], fmt: str = "markdown") -> str:
         ("name", "run", str), ("parent", "parent", str), ("step", "step", str),
         (lambda r: None if r.get("val_ppl") is None else
          _ppl(r["val_ppl"]) + ("*" if r.get("ppl_source") == "train_results.csv" else ""), "val ppl", str),
-        ("test_ppl", "test ppl", _ppl), ("n_cache", "cache", str), ("bits", "bits", str),
+        (lambda r: _ppl(r["test_ppl"]) if r.get("test_ppl") is not None else "missing" if r.get("score_file")
+         else None, "test ppl", str), ("n_cache", "cache", str), ("bits", "bits", str),
     ]
     for c in CONVENTIONS:
         cols += [(f"{c}_params", f"{c} params", _count), (f"{c}_ops", f"{c} ops", _count),

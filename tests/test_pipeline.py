@@ -73,6 +73,7 @@ def test_tiny_lineage_end_to_end_then_skips_and_resumes(kernel, results_root, tm
         assert RunDir(name).exists() and f"\n{name} " in out  # and a line of the runs table
         got = config(name)
         assert "commit" in got.pop("code")
+        assert got.pop("corpus", {"raw_dir": str(corpus)})["raw_dir"] == str(corpus)  # train: the corpus used
         assert got == planned[name], name  # the dry run wrote exactly what the stage wrote (minus code)
     assert RunDir(TEACHER).latest_step() == 6 and "lineage" not in planned[TEACHER]
     manifest = RunDir(TEACHER).path / "soft_labels/top4_step6/manifest.json"
