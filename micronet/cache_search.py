@@ -209,8 +209,8 @@ def run(cfg: DictConfig) -> dict:
     """Search (lambda, theta) for ``n_cache`` on a run's checkpoint; writes and returns the result."""
     scfg = typed(CacheSearchConfig, cfg, "cache_search")
     rd = RunDir(scfg.name).require()  # read-only but for one atomic write: no guard, like evaluate
+    device = pick_device(scfg.device)  # an unavailable device: one line, no log file made
     setup_logging(rd.log_path("cache_search"))
-    device = pick_device(scfg.device)
     model, ckpt = load_model(rd, scfg.step, device)
     step = int(ckpt["step"])
     corpus = load_corpus(typed(DataConfig, ckpt["data_config"], "data"))

@@ -15,6 +15,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from micronet.allocator import tune_malloc
 from micronet.config import MicronetError
 from micronet.paths import CONF_DIR
 
@@ -114,6 +115,7 @@ def stage_main(stage: str, run: Callable[[DictConfig], Any], config_name: str | 
             sys.exit(130)
 
     def main() -> Any:
+        tune_malloc()  # glibc: the tuned allocator without GLIBC_TUNABLES (micronet.allocator)
         own = "HYDRA_FULL_ERROR" not in os.environ  # a user who set it wants Hydra's full report
         if own:
             os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises composition errors instead of printing them

@@ -5,12 +5,15 @@ vocabulary comes from train only, by training frequency (ties: first occurrence 
 train); a valid/test word missing from it is an error (WikiText/PTB have no OOV words).
 Caches, ``data_root()/cache/<name>/{train,valid,test}.npy, vocab.txt, manifest.json``,
 are written via temp files + rename, manifest last: a crash never leaves a cache that
-looks complete.
+looks complete. Two corpora never share a cache: when ``cache/<name>/`` holds another
+corpus (other source contents), this one goes to ``cache/<name>-<12 hex of its sha256s>/``.
 """
 
 from __future__ import annotations
 
 import fcntl
+import glob
+import hashlib
 import json
 import logging
 import os
@@ -95,6 +98,11 @@ class Corpus:
     def vocab_size(self) -> int:
         """Number of words in the vocabulary (including ``<eos>``)."""
         return len(self.vocab)
+
+    def record(self) -> dict:
+        """What a run records of the corpus it really used (``corpus:`` in config.yaml and checkpoints):
+        :meth:`fingerprint` plus the source folder."""
+        return {**self.fingerprint(), "raw_dir": self.manifest.get("source_dir")}
 
     def fingerprint(self) -> dict:
         """What a checkpoint records of its data: name, vocabulary size, tokens and sha256 per split."""
@@ -227,17 +235,30 @@ def _raw_dir(cfg: DataConfig) -> Path:
     )
 
 
+def _source_url(cfg: DataConfig) -> str | None:
+    # Built-in sources only fill the built-in folder; a user's raw_dir gets only an explicit url.
+    return cfg.url or (_DEFAULT_URLS.get(cfg.name) if cfg.raw_dir is None else None)
+
+
+def _ships(cfg: DataConfig) -> bool:
+    return cfg.raw_dir is None and cfg.name == "wikitext-2" and cfg.url is None
+
+
 def _fetch_sources(cfg: DataConfig, raw_dir: Path, progress: Progress) -> None:
     """Extract or download the raw files if some are missing and a source is known."""
     if all((raw_dir / f).is_file() for f in _files(cfg).values()):
         return
-    # Built-in sources only fill the built-in folder; a user's raw_dir gets only an explicit url.
-    url = cfg.url or (_DEFAULT_URLS.get(cfg.name) if cfg.raw_dir is None else None)
-    if cfg.raw_dir is None and cfg.name == "wikitext-2" and cfg.url is None:
+    if _ships(cfg):
         _extract_shipped(raw_dir)
-    elif url:
+    elif url := _source_url(cfg):
         log.info("downloading %s into %s", url, raw_dir)
         download(url, raw_dir, progress)
+
+
+def _require(sources: dict[str, Path]) -> None:
+    for path in sources.values():
+        if not path.is_file():
+            raise DataError(f"{path}: split file not found; put it there or point data.raw_dir at its folder")
 
 
 def _read_manifest(cache_dir: Path) -> dict | None:
@@ -247,49 +268,80 @@ def _read_manifest(cache_dir: Path) -> dict | None:
         return None
 
 
-def _cache_is_current(cache_dir: Path, raw_dir: Path, sources: dict[str, Path]) -> bool:
-    m = _read_manifest(cache_dir)
+def _source_hashes(sources: dict[str, Path]) -> dict[str, str] | None:
+    """sha256 per split; None unless every source file is there."""
+    return {s: sha256_file(p) for s, p in sources.items()} if all(p.is_file() for p in sources.values()) else None
+
+
+def _cache_dir(cfg: DataConfig, raw_dir: Path, sources: dict[str, Path], hashes: dict[str, str] | None) -> Path:
+    """``cache/<name>/``, unless it holds another corpus (other sha256s): then ``cache/<name>-<digest>/``.
+
+    Without the sources (deleted after caching, ``hashes`` None): the newest cache built from this folder
+    and these file names, else ``cache/<name>/``.
+    """
+    plain = data_root() / "cache" / cfg.name
+    if hashes is None:
+        built = [d for d in (plain, *plain.parent.glob(glob.escape(cfg.name) + "-*"))
+                 if _same_files(_read_manifest(d), raw_dir, sources)]
+        return max(built, key=lambda d: (d / MANIFEST).stat().st_mtime_ns) if built else plain
+    files = (_read_manifest(plain) or {}).get("files")
+    if not files or all(files.get(s, {}).get("sha256") == h for s, h in hashes.items()):
+        return plain
+    digest = hashlib.sha256(" ".join(hashes[s] for s in SPLITS).encode()).hexdigest()[:12]
+    return plain.with_name(f"{cfg.name}-{digest}")
+
+
+def _same_files(m: dict | None, raw_dir: Path, sources: dict[str, Path]) -> bool:
     files = (m or {}).get("files", {})
-    if (
-        not m
-        or (m.get("format_version"), m.get("source_dir")) != (FORMAT_VERSION, str(raw_dir))
-        or any(files.get(s, {}).get("file") != p.name for s, p in sources.items())
-        or not all((cache_dir / f).is_file() for f in ("vocab.txt", *(f"{s}.npy" for s in SPLITS)))
-    ):
+    return bool(m) and (m.get("format_version"), m.get("source_dir")) == (FORMAT_VERSION, str(raw_dir)) and all(
+        files.get(s, {}).get("file") == p.name for s, p in sources.items())
+
+
+def _cache_is_current(cache_dir: Path, raw_dir: Path, sources: dict[str, Path], hashes: dict[str, str] | None) -> bool:
+    m = _read_manifest(cache_dir)
+    if not _same_files(m, raw_dir, sources) or not all(
+            (cache_dir / f).is_file() for f in ("vocab.txt", *(f"{s}.npy" for s in SPLITS))):
         return False
-    present = [p.is_file() for p in sources.values()]
-    if not any(present):  # raw files deleted after caching (e.g. to save disk): the cache stands alone
-        return True
-    return all(present) and all(sha256_file(p) == files[s]["sha256"] for s, p in sources.items())
+    if hashes is None:  # raw files deleted after caching (e.g. to save disk): the cache stands alone
+        return not any(p.is_file() for p in sources.values())
+    return all(m["files"][s]["sha256"] == h for s, h in hashes.items())
 
 
 def prepare(cfg: DataConfig, progress: Progress = True) -> Path:
     """Build the token cache of ``cfg`` unless it is current; return the cache folder.
 
     ``progress``: show enlighten bars (True), none (False), or use this enlighten manager.
-    Idempotent and safe to call from concurrent processes. The cache is rebuilt when its
-    manifest's source sha256s, file names or source folder no longer match. Raises
-    ``DataError`` for missing, empty, non-UTF-8, wrongly checksummed or OOV split files.
+    Idempotent and safe to call from concurrent processes. A corpus whose source sha256s, file
+    names or source folder no longer match its cache is rebuilt; one whose contents differ from
+    what ``cache/<name>/`` holds gets its own folder (:func:`_cache_dir`). Raises ``DataError``
+    for missing, empty, non-UTF-8, wrongly checksummed or OOV split files (a missing one that
+    cannot be extracted or downloaded before any folder is made).
     """
     raw_dir = _raw_dir(cfg)
-    cache_dir = data_root() / "cache" / cfg.name
     sources = {s: raw_dir / f for s, f in _files(cfg).items()}
-    if _cache_is_current(cache_dir, raw_dir, sources):
+    hashes = _source_hashes(sources)
+    cache_dir = _cache_dir(cfg, raw_dir, sources, hashes)
+    if _cache_is_current(cache_dir, raw_dir, sources, hashes):
         return cache_dir
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / ".lock", "a") as lock, progress_manager(progress) as manager:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder (and downloader) per cache at a time
-        if not _cache_is_current(cache_dir, raw_dir, sources):  # another process may have built it
-            _build(cfg, raw_dir, cache_dir, sources, manager)
+    if not (_ships(cfg) or _source_url(cfg)):
+        _require(sources)
+    lock_dir = data_root() / "cache" / cfg.name  # one lock per data set name: its caches are chosen under it
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / ".lock", "a") as lock, progress_manager(progress) as manager:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder (and downloader) at a time
+        _fetch_sources(cfg, raw_dir, manager)
+        _require(sources)
+        if hashes is None:
+            hashes = _source_hashes(sources)
+        cache_dir = _cache_dir(cfg, raw_dir, sources, hashes)  # another process may have built it meanwhile
+        if not _cache_is_current(cache_dir, raw_dir, sources, hashes):
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            _build(cfg, raw_dir, cache_dir, sources, hashes, manager)
     return cache_dir
 
 
-def _build(cfg: DataConfig, raw_dir: Path, cache_dir: Path, sources: dict[str, Path], manager) -> None:
-    _fetch_sources(cfg, raw_dir, manager)
-    for path in sources.values():
-        if not path.is_file():
-            raise DataError(f"{path}: split file not found; put it there or point data.raw_dir at its folder")
-    hashes = {s: sha256_file(p) for s, p in sources.items()}
+def _build(cfg: DataConfig, raw_dir: Path, cache_dir: Path, sources: dict[str, Path], hashes: dict[str, str],
+           manager) -> None:
     known = _KNOWN_SHA256.get(cfg.name, {}) if cfg.verify_sha256 else {}
     for s, p in sources.items():
         if p.name in known and hashes[s] != known[p.name]:

@@ -58,10 +58,23 @@ class EvalConfig:
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
+    """``auto`` -> CUDA when available, else CPU; any other device must exist here (else one
+    :class:`ConfigError` line naming it and the devices there are), checked before a stage writes anything."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    available = ["cpu", *(f"cuda:{i}" for i in range(n_cuda)), *(["mps"] if torch.backends.mps.is_available() else [])]
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # not a device name at all (e.g. "gpu")
+        device = None
+    key = None if device is None else device.type if device.type in ("cpu", "mps") else \
+        f"{device.type}:{device.index or 0}"
+    if key not in available:
+        why = " (this torch has no CUDA support)" if device is not None and device.type == "cuda" \
+            and not torch.backends.cuda.is_built() else ""
+        raise ConfigError(f"device {name!r} is not available{why}; available: auto, {', '.join(available)}")
+    return device
 
 
 @torch.no_grad()
@@ -121,10 +134,10 @@ def run(cfg: DictConfig) -> dict:
     """Evaluate a run's checkpoint on the requested splits; returns the JSON written."""
     ecfg = typed(EvalConfig, cfg, "evaluate")
     rd = RunDir(ecfg.name).require()
-    setup_logging(rd.log_path("evaluate"))
     if ecfg.fast and ecfg.device not in ("auto", "cpu"):
         raise ConfigError(f"fast=true is a CPU inference path (int8 CPU kernels); use device=cpu, not {ecfg.device}")
     device = torch.device("cpu") if ecfg.fast else pick_device(ecfg.device)
+    setup_logging(rd.log_path("evaluate"))
     model, ckpt = load_model(rd, ecfg.step, device)
     step = int(ckpt["step"])
     data_cfg = typed(DataConfig, ckpt["data_config"], "data")

@@ -29,9 +29,9 @@ stage through the process group; it saves and exits 130, and so does the pipelin
 
 ``dry_run=true`` runs nothing: it prints each stage's state and command and writes the resolved
 ``config.yaml`` of every run the lineage creates (train, distill, prune, quantize: what the stage itself
-writes, minus ``code``) into ``results/<name>/``. The lineage and experiment files are the one source of
-truth; those files are generated from them. A config.yaml of a run with checkpoints is never rewritten
-(a difference is reported instead).
+writes, minus its run records ``code`` and ``corpus``) into ``results/<name>/``. The lineage and
+experiment files are the one source of truth; those files are generated from them. A config.yaml of a
+run with checkpoints is never rewritten (a difference is reported instead).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from micronet.cli import stage_main
 from micronet.config import ConfigError, MicronetError, typed
 from micronet.derived import lineage
 from micronet.paths import CONF_DIR
-from micronet.results import GuardError, RunDir, atomic_write_text
+from micronet.results import RUN_RECORDS, GuardError, RunDir, atomic_write_text
 
 MODULES = {"train": "train", "distill": "train", "soft_labels": "soft_labels", "prune": "prune",
            "cache_search": "cache_search", "quantize": "quantize", "score": "score", "evaluate": "evaluate"}
@@ -349,7 +349,8 @@ def write_config(name: str, content: dict) -> str:
             old = yaml.safe_load(rd.config_path.read_text()) or {}
         except (OSError, yaml.YAMLError):
             old = {"damaged": True}
-        old.pop("code", None)
+        for key in RUN_RECORDS:
+            old.pop(key, None)
         if old == content:
             return "up to date"
         keys = ", ".join(_changed_keys(old, content)[:6])

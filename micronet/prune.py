@@ -43,6 +43,7 @@ from micronet.cli import setup_logging, stage_main
 from micronet.config import ConfigError, typed
 from micronet.data import DataConfig, load_corpus
 from micronet.derived import evaluate_and_score, lineage, recorded_parent_step
+from micronet.evaluate import pick_device
 from micronet.model import ModelConfig
 from micronet.results import RunDir, atomic_write_text, code_version
 from micronet.schedules import SCHEDULE_SCALES, prune_targets
@@ -315,6 +316,7 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"train.steps={train_cfg.steps} < prune.every x prune.rounds = {pcfg.every * pcfg.rounds}: "
                           "the final sparsity would never be reached")
     parent = RunDir(st.name).require()
+    pick_device(train_cfg.device)  # an unavailable device fails before results/<name> exists
     rd = RunDir(pruned_name(pcfg.name, parent.name))
     with rd.guard("prune"):
         setup_logging(rd.log_path("prune"))

@@ -313,6 +313,7 @@ def run(cfg: DictConfig) -> dict:
     n_cache = qs.n_cache if qs.n_cache is not None else _searched_cache(parent, pstep)
     rd = RunDir(quantized_name(parent.name, pstep, n_cache, qs.bits))
     qat = qc.steps > 1
+    pick_device(qs.device if not qat else (cfg.get("train") or {}).get("device", "auto"))  # before rd exists
     with rd.guard("quantize"):
         setup_logging(rd.log_path("quantize"))
         have = rd.steps()

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_MAGIC = b"MICRONET"  # 8 bytes, then 32 bytes of sha256 of the payload that follows
 CHECKPOINT_FORMAT = 1
+# config.yaml keys that record the run itself rather than its settings (a pipeline's plan leaves them out)
+RUN_RECORDS = ("code", "corpus")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=,-]*$")
 # Temp names (atomic_write_bytes) of files written only under the guard: train/prune/quantize, soft labels.
 _GUARDED_TEMPS = (".config.yaml.tmp*", ".train_results.csv.tmp*", "models/.model-*.pt.tmp*", "soft_labels/*/.*.tmp*")

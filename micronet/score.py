@@ -419,12 +419,17 @@ def run(cfg) -> dict:
         # the cache an evaluation used is recorded per split (older files: at the top level)
         if "test" in ev and int((ev["test"].get("cache") or ev).get("n_cache", 0)) == n_cache:
             test_ppl = ev["test"]["ppl"]
+    if test_ppl is None:
+        logging.getLogger(__name__).warning(
+            "no test perplexity: %s has no test split with cache %d (run python -m micronet.evaluate name=%s "
+            "step=%d%s first); score_step%d.json records test_ppl null", eval_path, n_cache, rd.name, step,
+            f" n_cache={n_cache}" if n_cache else "", step)
     out = {"name": rd.name, "step": step, "test_ppl": test_ppl, **main_score.to_json(),
            "conventions": {c: {k: v for k, v in s.to_json().items() if k != "components"} for c, s in results.items()}}
     write_json(rd.score_path(step), out)
     logging.getLogger(__name__).info("%s step %d: score %.6f (%s), params %.1f, ops %.1f, test ppl %s",
                                      rd.name, step, main_score.score, scfg.convention, main_score.params,
-                                     main_score.ops, test_ppl)
+                                     main_score.ops, "missing" if test_ppl is None else f"{test_ppl:.2f}")
     return out
 
 

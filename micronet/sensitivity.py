@@ -139,11 +139,11 @@ def run(cfg: DictConfig) -> dict:
     """Measure (or reuse) the curves of a run's checkpoint and write the schedule for ``target``."""
     sc = typed(SensitivityConfig, cfg, "sensitivity")
     rd = RunDir(sc.name).require()
+    device = pick_device(sc.device)  # an unavailable device: one line before the guard
     with rd.guard("sensitivity"):
         setup_logging(rd.log_path("sensitivity"))
         if sc.threads:
             torch.set_num_threads(sc.threads)
-        device = pick_device(sc.device)
         model, ckpt = load_model(rd, sc.step, device)
         step = int(ckpt["step"])
         names = prunable_names(model.cfg)

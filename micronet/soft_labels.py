@@ -326,11 +326,11 @@ def run(cfg: DictConfig) -> dict:
     """Generate (or resume) the soft labels of a teacher run; returns the manifest."""
     scfg = typed(SoftLabelConfig, cfg, "soft_labels")
     rd = RunDir(scfg.name).require()
+    device = pick_device(scfg.device)  # an unavailable device: one line before the guard
     with rd.guard("soft_labels"):
         setup_logging(rd.log_path("soft_labels"))
         if scfg.threads:
             torch.set_num_threads(scfg.threads)
-        device = pick_device(scfg.device)
         model, ckpt = load_model(rd, scfg.step, device)
         corpus = load_corpus(typed(DataConfig, ckpt["data_config"], "data"))
         if corpus.vocab_size != model.cfg.vocab_size:

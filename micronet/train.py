@@ -14,6 +14,7 @@ import logging
 import math
 import signal
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -43,12 +44,17 @@ def sample_batch(data: np.ndarray, batch_size: int, chunk_len: int,
                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """``batch_size`` chunks at random starts: inputs and next-token targets, each (B, chunk_len),
     and the start offsets (B,) (target ``y[b, t]`` is token ``starts[b] + 1 + t`` of the split)."""
-    if len(data) <= chunk_len + 1:
-        raise ConfigError(f"train split has {len(data)} tokens, fewer than chunk_len + 1 = {chunk_len + 1}")
+    check_chunk_len(data, chunk_len)
     starts = rng.integers(0, len(data) - chunk_len - 1, size=batch_size)
     rows = np.stack([data[s : s + chunk_len + 1] for s in starts]).astype(np.int64)  # (B, chunk_len + 1)
     t = torch.from_numpy(rows)
     return t[:, :-1], t[:, 1:], starts
+
+
+def check_chunk_len(data: np.ndarray, chunk_len: int) -> None:
+    """A :class:`ConfigError` unless the train split holds more than ``chunk_len + 1`` tokens."""
+    if len(data) <= chunk_len + 1:
+        raise ConfigError(f"train split has {len(data)} tokens, fewer than chunk_len + 1 = {chunk_len + 1}")
 
 
 class _ValidationAborted(Exception):
@@ -118,7 +124,8 @@ class Trainer:
             "model_config": as_dict(self.model_cfg), "data_config": as_dict(self.data_cfg),
             "cache_config": as_dict(self.cache_cfg),
             "hebbian": self.hebbian.state_dict() if self.hebbian is not None else None,
-            "data_manifest": self.corpus.fingerprint(),
+            "data_manifest": self.corpus.fingerprint(), "corpus": self.corpus.record(),
+            "train_steps": self.cfg.steps,  # the lr schedule's length (a resume with another one is refused)
             "bad_steps": self.bad_steps, "pending_losses": list(self.pending_losses),
             "pending_validation": self.pending_validation,
             "code": code_version(), **(self.extra_state or {}),
@@ -130,18 +137,21 @@ class Trainer:
         if path is not None:
             log.info("saved %s", path)
 
-    def resume(self) -> bool:
-        """Load the newest good checkpoint if there is one; refuse one of another model."""
+    def resume(self, planned_steps: int | None = None) -> bool:
+        """Load the newest good checkpoint if there is one; refuse one of another model, or of another
+        ``train.steps`` unless ``train.extend`` (``planned_steps``: the steps of a checkpoint that does
+        not record them, e.g. from the run's config.yaml)."""
         if not self.run.steps():
             return False
         ckpt = self.run.load(map_location=self.device)
         if not same_model(ckpt.get("model_config"), as_dict(self.model_cfg)):
             raise CheckpointError(
-                f"results/{self.run.name} holds a checkpoint of a different model config; "
+                f"{self.run.path} holds a checkpoint of a different model config; "
                 f"use another name or the same model settings (checkpoint: {ckpt.get('model_config')})")
         if (ckpt.get("cache_config") or as_dict(CacheConfig())) != as_dict(self.cache_cfg):
-            raise CheckpointError(f"results/{self.run.name} was trained with cache settings "
+            raise CheckpointError(f"{self.run.path} was trained with cache settings "
                                   f"{ckpt.get('cache_config')}; resume with the same cache settings")
+        self._check_schedule(int(ckpt["step"]), ckpt.get("train_steps", planned_steps))
         self.model.load_state_dict(ckpt["model"])
         if self.hebbian is not None:
             if ckpt.get("hebbian") is None:
@@ -156,8 +166,22 @@ class Trainer:
         self.pending_validation = bool(ckpt.get("pending_validation", False))
         self.rng.bit_generator.state = ckpt["rng"]["numpy"]
         distributed.restore_torch_rng(ckpt["rng"], self.device, self.cfg.seed, self.step)
-        log.info("resumed results/%s from step %d", self.run.name, self.step)
+        log.info("resumed %s from step %d", self.run.path, self.step)
         return True
+
+    def _check_schedule(self, step: int, planned: int | None) -> None:
+        """The lr schedule depends on ``train.steps``: another value changes every later learning rate,
+        so it takes ``train.extend=true``, which logs the change (``train.stop_after`` is no change)."""
+        if planned is None or int(planned) == self.cfg.steps:
+            return
+        planned, steps = int(planned), self.cfg.steps
+        if not self.cfg.extend:
+            raise ConfigError(f"{self.run.path} was planned for train.steps={planned} (its learning-rate schedule "
+                              f"depends on it), not {steps}: resume with train.steps={planned}, or add "
+                              f"train.extend=true to continue under the schedule of {steps} steps")
+        log.warning("train.extend: train.steps %d -> %d from step %d: the next learning rate is %.4g instead of "
+                    "%.4g and the cosine reaches optim.min_lr at step %d instead of %d", planned, steps, step,
+                    lr_at(step, self.optim_cfg, steps), lr_at(step, self.optim_cfg, planned), steps, planned)
 
     # -- the loop ------------------------------------------------------------------------------
     def train_step(self) -> float:
@@ -320,33 +344,46 @@ class Trainer:
 
 
 def run(cfg: DictConfig) -> dict:
-    """Train (or resume) ``results/<cfg.name>``; returns the final validation row."""
+    """Train (or resume) ``results/<cfg.name>``; returns the final validation row.
+
+    Everything that can be checked before training (configuration, device, data, model, soft labels)
+    is checked before ``results/<name>/`` is created, so a failed start leaves nothing behind.
+    """
     train_cfg = typed(TrainConfig, cfg.train, "train")
     optim_cfg = typed(OptimConfig, cfg.optim, "optim")
     data_cfg = typed(DataConfig, cfg.data, "data")
     cache_cfg = typed(CacheConfig, cfg.get("cache"), "cache")
     hebbian_cfg = typed(HebbianConfig, cfg.get("hebbian"), "hebbian")
     rd = RunDir(cfg.name)
+    device = pick_device(train_cfg.device)  # an unavailable device is one line, before anything exists
     # torchrun: join the process group; rank 0 alone holds the guard and writes results/<name>.
     distributed.check_batch(train_cfg.batch_size, distributed.env_world_size())  # before joining or writing
-    with distributed.process_group(pick_device(train_cfg.device)), contextlib.ExitStack() as held:
-        distributed.on_main(lambda: held.enter_context(rd.guard("train")))
+    with distributed.process_group(device), contextlib.ExitStack() as held:
         writer = distributed.is_main()
-        setup_logging(rd.log_path("train") if writer else None)
-        logging.getLogger().setLevel(logging.INFO if writer else logging.WARNING)  # rank 0 reports progress
+
+        def log_to(path: Path | None) -> None:
+            setup_logging(path if writer else None)
+            logging.getLogger().setLevel(logging.INFO if writer else logging.WARNING)  # rank 0 reports progress
+
+        log_to(None)  # stderr until results/<name>/ exists
         if train_cfg.threads:
             torch.set_num_threads(train_cfg.threads)
         # Rank 0 first: it may build the data cache, which the others then read.
         corpus = distributed.on_main(lambda: load_corpus(data_cfg)) or load_corpus(data_cfg)
+        check_chunk_len(corpus.train, train_cfg.chunk_len)
         model_cfg = build_model_config(cfg.model, corpus)
         resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved["model"].update(cutoffs=model_cfg.cutoffs, bin_dims=model_cfg.bin_dims)  # as used (fit_cutoffs)
+        resolved["corpus"] = corpus.record()  # the corpus really used, whatever data.name says
         trainer = Trainer(rd, train_cfg, optim_cfg, model_cfg, data_cfg, corpus, resolved,
                           cache_cfg=cache_cfg, hebbian_cfg=hebbian_cfg)
         trainer.distill = build_distiller(cfg.get("distill"), corpus)
         if trainer.distill is not None:  # the teacher is a distilled student's parent (lineage, runs table)
             resolved["lineage"] = lineage("distill", RunDir(trainer.distill.cfg.teacher),
                                           int(trainer.distill.labels.manifest["step"]))
-        resumed = trainer.resume()  # every rank loads the same newest checkpoint
+        distributed.on_main(lambda: held.enter_context(rd.guard("train")))
+        log_to(rd.log_path("train"))
+        resumed = trainer.resume(_planned_steps(rd))  # every rank loads the same newest checkpoint
         trainer.tb = open_log(train_cfg.tensorboard, rd, trainer.step, writer)  # rank 0: results/<name>/tb/
         if trainer.tb is not None:
             held.callback(trainer.tb.close)
@@ -354,7 +391,7 @@ def run(cfg: DictConfig) -> dict:
         distributed.on_main(lambda: (truncate_csv(rd, trainer.step),
                                      atomic_write_text(rd.config_path, OmegaConf.to_yaml(resolved))))
         if not resumed:
-            log.info("training results/%s: %s parameters, %s train tokens, vocab %d", rd.name,
+            log.info("training %s: %s parameters, %s train tokens, vocab %d", rd.path,
                      f"{count_parameters(trainer.model):,}", f"{len(corpus.train):,}", corpus.vocab_size)
         try:
             last = trainer.train()
@@ -364,6 +401,16 @@ def run(cfg: DictConfig) -> dict:
         print(f"validation perplexity {last['val_ppl']:.2f} at step {last['step']}; results in {rd.path}" if last
               else f"stopped at step {trainer.step}; results in {rd.path}")
     return last
+
+
+def _planned_steps(rd: RunDir) -> int | None:
+    """``train.steps`` in the run's config.yaml (written by the previous invocation), for checkpoints
+    older than ``train_steps`` in the checkpoint; None when unreadable."""
+    try:
+        steps = ((rd.read_config() or {}).get("train") or {}).get("steps")
+    except (MicronetError, AttributeError):
+        return None
+    return int(steps) if isinstance(steps, int) else None
 
 
 main = stage_main("train", run)

@@ -6,6 +6,7 @@ and the benches can read the settings without the loop.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from micronet.config import ConfigError, typed
 from micronet.data import Corpus
 from micronet.model import ModelConfig
+
+log = logging.getLogger(__name__)
 
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
@@ -73,6 +76,7 @@ class TrainConfig:
     stop_after: int = 0  # stop (with a checkpoint) after this many steps in this invocation; 0 = run to the end
     max_bad_steps: int = 0  # skip up to this many steps with a non-finite loss/gradient (per run); 0 = stop at the first
     tensorboard: bool = False  # TensorBoard event files in results/<name>/tb/ (needs pip install -e '.[tb]')
+    extend: bool = False  # allow resuming with another ``steps`` (the lr schedule changes from the resumed step on)
 
     def validate(self) -> None:
         for k in ("steps", "batch_size", "chunk_len", "eval_every", "save_every", "eval_chunk_len"):
@@ -93,13 +97,29 @@ def lr_at(step: int, optim: OptimConfig, total: int) -> float:
 
 
 def build_model_config(node: Any, corpus: Corpus) -> ModelConfig:
-    """Model config from Hydra, with ``vocab_size: 0`` filled in from the data."""
+    """Model config from Hydra, with ``vocab_size: 0`` filled in from the data (and the cutoffs fitted
+    to it, :func:`fit_cutoffs`)."""
     raw = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     if not raw.get("vocab_size"):
         raw["vocab_size"] = corpus.vocab_size
+        fit_cutoffs(raw)
     elif raw["vocab_size"] != corpus.vocab_size:
         raise ConfigError(f"model.vocab_size={raw['vocab_size']} but the data has {corpus.vocab_size} words")
     return typed(ModelConfig, raw, "model")
+
+
+def fit_cutoffs(raw: dict) -> None:
+    """Cutoffs follow a vocabulary too small for them, in place: the cutoffs at or above ``vocab_size``
+    are dropped with their (rarest) bins and one line says so. ``[2000, 10000]`` with ``bin_dims
+    [128, 32, 8]`` becomes ``[2000]``, ``[128, 32]`` for 10,000 words and ``[]``, ``[128]`` (one plain
+    softmax) for 2,000 or fewer. Cutoffs that do not increase are left for validation to report."""
+    cutoffs, dims, vocab = list(raw.get("cutoffs") or []), list(raw.get("bin_dims") or []), raw["vocab_size"]
+    keep = next((i for i, c in enumerate(cutoffs) if c >= vocab), len(cutoffs))
+    if keep == len(cutoffs) or len(dims) != len(cutoffs) + 1 or cutoffs != sorted(cutoffs):
+        return
+    raw["cutoffs"], raw["bin_dims"] = cutoffs[:keep], dims[: keep + 1]
+    log.info("model.cutoffs %s do not fit a vocabulary of %s words: using cutoffs %s, bin_dims %s "
+             "(the rarest bins dropped)", cutoffs, f"{vocab:,}", raw["cutoffs"], raw["bin_dims"])
 
 
 # Settings that change speed, not the function the model computes (segmented attention equals the

@@ -131,7 +131,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_on_resume(results_root, caplog, 
     path.write_bytes(bytes(data[: len(data) - 1000] if damage == "truncate" else b"" if damage == "empty" else data))
     train.run(compose_cfg("train", ["name=c", *TRAIN]))
     assert f"skipping damaged checkpoint: {path}" in caplog.text
-    assert "resumed results/c from step 2" in caplog.text
+    assert f"resumed {RunDir('c').path} from step 2" in caplog.text
     train.run(compose_cfg("train", ["name=whole", *TRAIN]))
     assert_same_run(RunDir("whole"), RunDir("c"), 6)  # step 4 redone: the damaged file replaced
 

@@ -155,7 +155,7 @@ def test_only_rank_0_writes_the_results(runs):
     assert sorted(p.name for p in runs["root"].iterdir()) == ["at3_two", "one", "parts", "two"]
     assert [r.split(",")[0] for r in two.train_csv.read_text().splitlines()] == ["step", "3", "6"]
     log = two.log_path("train").read_text()
-    assert log.count("training results/two:") == 1 and log.count(f"saved {two.checkpoint_path(STEPS)}") == 1
+    assert log.count(f"training {two.path}:") == 1 and log.count(f"saved {two.checkpoint_path(STEPS)}") == 1
     assert "[rank1]" not in runs["two"].stdout and runs["two"].stdout.count("validation perplexity") == 1
     assert two.config_path.read_text().count("commit") == 1
 

@@ -73,6 +73,7 @@ def test_tiny_lineage_end_to_end_then_skips_and_resumes(kernel, results_root, tm
         assert RunDir(name).exists() and f"\n{name} " in out  # and a line of the runs table
         got = config(name)
         assert "commit" in got.pop("code")
+        assert got.pop("corpus", {"raw_dir": str(corpus)})["raw_dir"] == str(corpus)  # train: the corpus used
         assert got == planned[name], name  # the dry run wrote exactly what the stage wrote (minus code)
     assert RunDir(TEACHER).latest_step() == 6 and "lineage" not in planned[TEACHER]
     manifest = RunDir(TEACHER).path / "soft_labels/top4_step6/manifest.json"
@@ -107,7 +108,7 @@ def test_tiny_lineage_end_to_end_then_skips_and_resumes(kernel, results_root, tm
     # An interrupted prune (its last checkpoint lost): prune resumes, the stages after it run again.
     RunDir(PRUNED).checkpoint_path(6).unlink()
     assert rerun(args, "re-run resuming prune") == ["skipped"] * 3 + ["ran"] * 3 + ["skipped"]
-    assert "resumed results/prune0.358_tiny_student from step 3" in RunDir(PRUNED).log_path("prune").read_text()
+    assert f"resumed {RunDir(PRUNED).path} from step 3" in RunDir(PRUNED).log_path("prune").read_text()
     assert RunDir(PRUNED).latest_step() == 6 and all(mtime(p) == t for p, t in stamps.items())
     again = json.loads(RunDir(QUANT).score_path(1).read_text())
     assert mtime(RunDir(QUANT).score_path(1)) > mtime(RunDir(PRUNED).score_path(6))  # re-scored after the prune
