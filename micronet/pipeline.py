@@ -54,11 +54,11 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from micronet.cli import stage_main
-from micronet.config import ConfigError, MicronetError, typed
-from micronet.derived import lineage
-from micronet.paths import CONF_DIR
-from micronet.results import GuardError, RunDir, atomic_write_text
+from micronet.runs.cli import stage_main
+from micronet.runs.config import ConfigError, MicronetError, typed
+from micronet.runs.lineage import lineage
+from micronet.runs.paths import CONF_DIR
+from micronet.runs.results import GuardError, RunDir, atomic_write_text
 
 MODULES = {"train": "train", "distill": "train", "soft_labels": "soft_labels", "prune": "prune",
            "cache_search": "cache_search", "quantize": "quantize", "score": "score", "evaluate": "evaluate"}
@@ -153,9 +153,9 @@ def _need_step(plan: Plan, name: str, step: Any, where: str) -> int:
 
 def plan_step(index: int, spec: StageSpec, plan: Plan) -> Step:
     """Compose stage ``spec`` and work out what it writes, reads and when it is complete."""
-    from micronet.prune import normalize_argv, pruned_name
-    from micronet.quantize import quantized_name, searched_caches
-    from micronet.soft_labels import read_manifest, soft_label_dir
+    from micronet.compress.prune import normalize_argv, pruned_name
+    from micronet.compress.quantize import quantized_name, searched_caches
+    from micronet.training.soft_labels import read_manifest, soft_label_dir
 
     where = f"lineage stage {index} ({spec.stage} {' '.join(spec.args)})"
     if spec.stage not in MODULES:
@@ -366,7 +366,7 @@ def write_config(name: str, content: dict) -> str:
 
 
 def _summary(steps: list[Step], rows: list[dict]) -> None:
-    from micronet.report import collect_runs, format_table, runs_table
+    from micronet.report.runs import collect_runs, format_table, runs_table
 
     cols = [("index", "#", str), ("kind", "stage", str), ("out", "results", str), ("state", "state before", str),
             ("action", "action", str), ("seconds", "seconds", lambda x: f"{x:.1f}")]

@@ -36,12 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from micronet.cache import CacheConfig, attach_cache, model_cache
-from micronet.config import MicronetError, as_dict
-from micronet.model import ModelConfig, TransformerLM
-from micronet.prune import locate
-from micronet.quantize import WeightQuant, act_quantizers, attach_act_quantizers, levels, quantized_weights
-from micronet.results import atomic_write_bytes
+from micronet.model.cache import CacheConfig, attach_cache, model_cache
+from micronet.runs.config import MicronetError, as_dict
+from micronet.model.transformer import ModelConfig, TransformerLM
+from micronet.compress.prune import locate
+from micronet.compress.quantize import WeightQuant, act_quantizers, attach_act_quantizers, levels, quantized_weights
+from micronet.runs.results import atomic_write_bytes
 
 MAGIC = b"MNQ1"
 _CHUNK = 1 << 20  # values packed per numpy pass (bounds the (n, bits) temporaries)

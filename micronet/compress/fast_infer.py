@@ -40,10 +40,10 @@ from torch import nn
 from torch.ao.nn.intrinsic.quantized.dynamic import LinearReLU as DynamicLinearReLU
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-from micronet.adaptive import AdaptiveLogSoftmax, full_log_probs
-from micronet.cache import CacheConfig, attach_cache, model_cache
-from micronet.config import ConfigError, MicronetError
-from micronet.model import TransformerLM
+from micronet.model.adaptive import AdaptiveLogSoftmax, full_log_probs
+from micronet.model.cache import CacheConfig, attach_cache, model_cache
+from micronet.runs.config import ConfigError, MicronetError
+from micronet.model.transformer import TransformerLM
 
 BACKENDS = ("int8", "fp32")
 # Measured on the WikiText-2 9-bit model, 1 thread, AVX2 (bench/compressed_inference.py and its --engine):
@@ -155,7 +155,7 @@ class FastAdaptiveLogSoftmax(nn.Module):
 def plain_copy(model: nn.Module, segment_len: int | None = None) -> TransformerLM:
     """A TransformerLM holding ``model``'s effective weights, without masks or fake quantizers
     (``segment_len``: its attention block length instead of the model's; results do not depend on it)."""
-    from micronet.export import effective, plain_names  # (micronet.export imports micronet.quantize)
+    from micronet.compress.export import effective, plain_names  # (micronet.compress.export imports micronet.quantize)
 
     cfg = dataclasses.replace(model.cfg, cutoffs=list(model.cfg.cutoffs), bin_dims=list(model.cfg.bin_dims))
     if segment_len is not None:
@@ -198,7 +198,7 @@ def build_fast_model(source: str | Path | nn.Module, backend: str = "int8", engi
     if backend not in BACKENDS:
         raise ConfigError(f"fast backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(source, (str, Path)):
-        from micronet.export import load_mnq
+        from micronet.compress.export import load_mnq
 
         source = load_mnq(Path(source))
     if not isinstance(source, TransformerLM):

@@ -11,7 +11,7 @@ newest) of ``<name>`` and fine-tunes it with the train stage's :class:`~micronet
 
 with its mask recomputed (the round(s numel) smallest magnitudes) at step ``e * prune.every``; after
 step ``E * every`` training continues with fixed masks to ``train.steps``. Schedules (conf/prune/):
-the original's ``0.239`` / ``0.358`` / ``0.477`` (targets from :mod:`micronet.schedules`),
+the original's ``0.239`` / ``0.358`` / ``0.477`` (targets from :mod:`micronet.compress.schedules`),
 ``uniform`` (``prune.target`` everywhere) and ``sensitivity`` (``micronet.sensitivity``'s output).
 
 Masks are ``torch.nn.utils.parametrize`` parametrizations, so every forward (the tied softmax reads the
@@ -38,14 +38,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.utils import parametrize
 
-from micronet.cache import checkpoint_cache_config
-from micronet.cli import setup_logging, stage_main
-from micronet.config import ConfigError, typed
-from micronet.data import DataConfig, load_corpus
-from micronet.derived import evaluate_and_score, lineage, recorded_parent_step
-from micronet.model import ModelConfig
-from micronet.results import RunDir, atomic_write_text, code_version
-from micronet.schedules import SCHEDULE_SCALES, prune_targets
+from micronet.model.cache import checkpoint_cache_config
+from micronet.runs.cli import setup_logging, stage_main
+from micronet.runs.config import ConfigError, typed
+from micronet.data.corpus import DataConfig, load_corpus
+from micronet.runs.lineage import evaluate_and_score, lineage, recorded_parent_step
+from micronet.model.transformer import ModelConfig
+from micronet.runs.results import RunDir, atomic_write_text, code_version
+from micronet.compress.schedules import SCHEDULE_SCALES, prune_targets
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class PruneConfig:
     """The ``prune`` node: which schedule and how often masks are recomputed."""
 
     name: str = "0.358"  # the schedule's name; the results dir is prune<name>_<parent>
-    kind: str = "table"  # table (the original's, from micronet.schedules) | uniform | sensitivity
+    kind: str = "table"  # table (the original's, from micronet.compress.schedules) | uniform | sensitivity
     target: float = 0.0  # uniform: every tensor's final sparsity; sensitivity: the total target
     initial: float = 0.0  # uniform: every tensor's initial sparsity
     path: str | None = None  # sensitivity: schedule file; None = results/<parent>/sensitivity_<target>.yaml
@@ -304,7 +304,7 @@ def pruned_name(schedule: str, parent: str) -> str:
 
 def run(cfg: DictConfig) -> dict:
     """Prune-and-fine-tune (or resume) ``results/prune<s>_<name>``; returns the score JSON (or {})."""
-    from micronet.train import OptimConfig, TrainConfig, Trainer, truncate_csv
+    from micronet.training.trainer import OptimConfig, TrainConfig, Trainer, truncate_csv
 
     st = typed(PruneStageConfig, {k: cfg.get(k) for k in PruneStageConfig.__dataclass_fields__ if k in cfg},
                "prune stage")
@@ -374,6 +374,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from micronet.prune import main as canonical_main  # its classes, not __main__'s copies (isinstance)
+    from micronet.compress.prune import main as canonical_main  # its classes, not __main__'s copies (isinstance)
 
     canonical_main()

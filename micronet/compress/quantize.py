@@ -21,7 +21,7 @@ set the activation ranges. ``quant.steps > 1``: QAT through :class:`~micronet.tr
 The checkpoint holds the parametrized state (full-precision originals, masks, quantizer buffers) and
 ``ckpt["quant"]``, from which :func:`prepare_from_checkpoint` (called by ``evaluate.load_model``)
 rebuilds the structure. The job copies the parent's searched cache parameters, evaluates, writes the
-packed export ``model.mnq`` (:mod:`micronet.export`, verified by reloading), scores, and writes
+packed export ``model.mnq`` (:mod:`micronet.compress.export`, verified by reloading), scores, and writes
 ``quantize_step<S>.json`` (export size next to the counted storage).
 """
 
@@ -38,15 +38,15 @@ from torch import nn
 from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
 from torch.nn.utils import parametrize
 
-from micronet.cache import attach_cache, checkpoint_cache_config, read_cache_params, write_cache_params
-from micronet.cli import setup_logging, stage_main
-from micronet.config import ConfigError, MicronetError, typed
-from micronet.data import DataConfig, load_corpus
-from micronet.evaluate import pick_device
-from micronet.model import ModelConfig, TransformerLM
-from micronet.derived import evaluate_and_score, lineage
-from micronet.prune import MaskHolder, locate, set_mask, sparse_masks
-from micronet.results import CheckpointError, RunDir, atomic_write_text, code_version, write_json
+from micronet.model.cache import attach_cache, checkpoint_cache_config, read_cache_params, write_cache_params
+from micronet.runs.cli import setup_logging, stage_main
+from micronet.runs.config import ConfigError, MicronetError, typed
+from micronet.data.corpus import DataConfig, load_corpus
+from micronet.stagekit.evaluation import pick_device
+from micronet.model.transformer import ModelConfig, TransformerLM
+from micronet.runs.lineage import evaluate_and_score, lineage
+from micronet.compress.prune import MaskHolder, locate, set_mask, sparse_masks
+from micronet.runs.results import CheckpointError, RunDir, atomic_write_text, code_version, write_json
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def prepare_from_checkpoint(model: TransformerLM, quant: dict) -> None:
 def calibrate(model: TransformerLM, data: np.ndarray, batches: int, batch_size: int, chunk_len: int,
               seed: int = 0, device: torch.device | str = "cpu") -> int:
     """Set the activation ranges from ``batches`` random training chunks (dropout off); returns tokens seen."""
-    from micronet.train import sample_batch
+    from micronet.training.trainer import sample_batch
 
     rng = np.random.default_rng(seed)
     model.eval()
@@ -263,8 +263,8 @@ def _plain_model(ckpt: dict) -> TransformerLM:
 
 def run(cfg: DictConfig) -> dict:
     """Quantize a run's checkpoint into its own results dir; returns the quantize summary JSON."""
-    from micronet.export import export_mnq, load_mnq, same_weights
-    from micronet.train import OptimConfig, TrainConfig, Trainer, truncate_csv
+    from micronet.compress.export import export_mnq, load_mnq, same_weights
+    from micronet.training.trainer import OptimConfig, TrainConfig, Trainer, truncate_csv
 
     top = {k: cfg.get(k) for k in QuantizeStageConfig.__dataclass_fields__ if k in cfg}
     qs = typed(QuantizeStageConfig, top, "quantize")
@@ -352,6 +352,6 @@ def run(cfg: DictConfig) -> dict:
 main = stage_main("quantize", run)
 
 if __name__ == "__main__":
-    from micronet.quantize import main as canonical_main  # its classes, not __main__'s copies (isinstance)
+    from micronet.compress.quantize import main as canonical_main  # its classes, not __main__'s copies (isinstance)
 
     canonical_main()

@@ -27,15 +27,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from micronet.cli import setup_logging, stage_main
-from micronet.config import ConfigError, typed
-from micronet.data import DataConfig, load_corpus
-from micronet.evaluate import evaluate_stream, load_model, pick_device
-from micronet.model import TransformerLM
-from micronet.progress import bar
-from micronet.prune import magnitude_mask, original, prunable_names
-from micronet.results import RunDir, atomic_write_bytes, atomic_write_text, write_json
-from micronet.score import ModelCounts
+from micronet.runs.cli import setup_logging, stage_main
+from micronet.runs.config import ConfigError, typed
+from micronet.data.corpus import DataConfig, load_corpus
+from micronet.stagekit.evaluation import evaluate_stream, load_model, pick_device
+from micronet.model.transformer import TransformerLM
+from micronet.runs.progress import bar
+from micronet.compress.prune import magnitude_mask, original, prunable_names
+from micronet.runs.results import RunDir, atomic_write_bytes, atomic_write_text, write_json
+from micronet.scoring.counts import ModelCounts
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,6 @@ def run(cfg: DictConfig) -> dict:
 main = stage_main("sensitivity", run)
 
 if __name__ == "__main__":
-    from micronet.sensitivity import main as canonical_main  # the canonical module (see micronet.quantize)
+    from micronet.compress.sensitivity import main as canonical_main  # the canonical module (see micronet.quantize)
 
     canonical_main()

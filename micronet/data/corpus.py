@@ -25,9 +25,9 @@ from pathlib import Path, PurePosixPath
 import enlighten
 import numpy as np
 
-from micronet.fetch import (DataError, Progress, atomic_path, download, mib_bar, progress_manager,  # noqa: F401
+from micronet.data.fetch import (DataError, Progress, atomic_path, download, mib_bar, progress_manager,  # noqa: F401
                             sha256_file)
-from micronet.paths import PROJECT_ROOT, data_root
+from micronet.runs.paths import PROJECT_ROOT, data_root
 
 log = logging.getLogger(__name__)
 

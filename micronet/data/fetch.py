@@ -1,6 +1,6 @@
 """Fetching corpora: download with progress and atomic rename, safe zip extraction, sha256.
 
-Used by :mod:`micronet.data` (sources) and :mod:`micronet.report_data` (verification).
+Used by :mod:`micronet.data.corpus` (sources) and :mod:`micronet.report.data_setup` (verification).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Union
 
 import enlighten
 
-from micronet.config import MicronetError
-from micronet.progress import manager as shared_manager
+from micronet.runs.config import MicronetError
+from micronet.runs.progress import manager as shared_manager
 
 Progress = Union[bool, None, enlighten.Manager]  # bars on/off, or a caller's enlighten manager
 

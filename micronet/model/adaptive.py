@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from micronet.linear_softmax import target_log_prob
+from micronet.model.linear_softmax import target_log_prob
 
 
 def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -108,7 +108,7 @@ class AdaptiveLogSoftmax(nn.Module):
 
         h: (N, d_model), target: (N,) -> (N,) float32 (float64 for float64 inputs). Every row needs one
         head column (its word, or its tail's cluster), so no (N x words) log-probabilities are stored:
-        see :mod:`micronet.linear_softmax`.
+        see :mod:`micronet.model.linear_softmax`.
         """
         n_head = self.edges[1]
         inner = torch.tensor(self.edges[1:-1], device=target.device)
@@ -138,7 +138,7 @@ def full_log_probs(sm: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """(N, d_model) -> (N, vocab_size): head words, then each tail's words + its cluster's log-prob.
 
     ``sm`` is any adaptive softmax with ``edges``, ``n_bins``, ``head_log_probs`` and ``tail_log_probs``
-    (this module's, or the inference copy in :mod:`micronet.fast_infer`).
+    (this module's, or the inference copy in :mod:`micronet.compress.fast_infer`).
     """
     head = sm.head_log_probs(h)
     n_head = sm.edges[1]

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from micronet.config import MicronetError
-from micronet.results import RunDir, atomic_write_text
+from micronet.runs.config import MicronetError
+from micronet.runs.results import RunDir, atomic_write_text
 
 DEFAULT_LAMBDA = 0.1  # evaluation default when neither a search result nor a learned value exists
 DEFAULT_THETA = 0.016

@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from micronet.cache import DEFAULT_LAMBDA, DEFAULT_THETA, band_dots, mix_log_probs, model_cache, write_cache_params
-from micronet.cli import setup_logging, stage_main
-from micronet.config import typed
-from micronet.data import DataConfig, load_corpus
-from micronet.evaluate import load_model, pick_device
-from micronet.model import TransformerLM
-from micronet.progress import bar
-from micronet.results import CheckpointError, RunDir
+from micronet.model.cache import DEFAULT_LAMBDA, DEFAULT_THETA, band_dots, mix_log_probs, model_cache, write_cache_params
+from micronet.runs.cli import setup_logging, stage_main
+from micronet.runs.config import typed
+from micronet.data.corpus import DataConfig, load_corpus
+from micronet.stagekit.evaluation import load_model, pick_device
+from micronet.model.transformer import TransformerLM
+from micronet.runs.progress import bar
+from micronet.runs.results import CheckpointError, RunDir
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from micronet.adaptive import AdaptiveLogSoftmax
+from micronet.model.adaptive import AdaptiveLogSoftmax
 
 
 @dataclass

@@ -10,9 +10,9 @@ keys plus the ``n_seq`` keys before it, so the attention costs O(T * (segment_le
 instead of O(T^2), and all segments of a chunk run as one batched call. Keys/values of the last
 ``n_seq`` positions are returned as :class:`Memory` so evaluation can carry them across chunks.
 
-Kernels (:mod:`micronet.band_attention`): inference, and training on CUDA, run
+Kernels (:mod:`micronet.model.band_attention`): inference, and training on CUDA, run
 ``scaled_dot_product_attention`` with an additive band bias; training on CPU builds the band
-softmax in one buffer with hand-written backward passes and hash dropout (:mod:`micronet.dropout`),
+softmax in one buffer with hand-written backward passes and hash dropout (:mod:`micronet.model.dropout`),
 1.3-1.7x faster per attention layer (``bench/attention.py``). Both paths are tested against the
 definition above, values and gradients.
 """
@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from micronet.adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax, init_adaptive
-from micronet.band_attention import band_bias, band_softmax, windows
-from micronet.dropout import Dropout, dropout
+from micronet.model.adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax, init_adaptive
+from micronet.model.band_attention import band_bias, band_softmax, windows
+from micronet.model.dropout import Dropout, dropout
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Data set-up and split statistics for the notebooks, and the table formatter they share.
 
-``setup_data.ipynb`` calls these through :mod:`micronet.report`, which re-exports them.
+``setup_data.ipynb`` calls these through :mod:`micronet.report.runs`, which re-exports them.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from micronet import data
-from micronet.config import typed
-from micronet.data import SPLITS, Corpus, DataConfig, DataError, load_corpus
-from micronet.paths import CONF_DIR, data_root
+from micronet.data.corpus import corpus as data
+from micronet.runs.config import typed
+from micronet.data.corpus import SPLITS, Corpus, DataConfig, DataError, load_corpus
+from micronet.runs.paths import CONF_DIR, data_root
 
 DEFAULT_CUTOFFS = (3500, 25000)  # the original 8.3M model's adaptive-softmax bins
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=,-]*$")
@@ -68,11 +68,11 @@ def setup_data(name: str = "wikitext-2", local_dir: str | os.PathLike | None = N
     folder training reads (``data_root()/raw/<name>``), so ``python -m micronet.train data=<name>``
     finds the cache current. A folder without the train split gets it from the configured zip
     (or ``url``) when ``download`` is true, else :class:`DataError` says it must be downloaded.
-    ``verify``: also check the official sha256 of WikiText files (``micronet.data``). A data set
+    ``verify``: also check the official sha256 of WikiText files (``micronet.data.corpus``). A data set
     without ``conf/data/<name>.yaml`` is read from ``local_dir`` in place.
     """
     corpus = _setup(data_config(name, url, verify), local_dir, download, progress)
-    if verify:  # also when an earlier unverified call built the cache, which micronet.data then trusts
+    if verify:  # also when an earlier unverified call built the cache, which micronet.data.corpus then trusts
         for row in checksum_rows(corpus):
             if row["status"] == "DIFFERENT":
                 raise DataError(f"{row['file']}: sha256 {row['sha256']} does not match the official {name} file "
@@ -165,7 +165,7 @@ def split_statistics(corpus: Corpus, cutoffs: Sequence[int] = DEFAULT_CUTOFFS) -
     """Per split: tokens, lines (``<eos>``), distinct words, vocabulary size, ``<unk>`` count and
     share, and the fraction of tokens in each adaptive-softmax bin ``[0, c1), [c1, c2), ...``.
 
-    Words outside the training vocabulary cannot occur (``micronet.data`` refuses them), so the
+    Words outside the training vocabulary cannot occur (``micronet.data.corpus`` refuses them), so the
     ``<unk>`` share is the corpus' own out-of-vocabulary rate. Cutoffs >= the vocab size are dropped.
     """
     v = corpus.vocab_size

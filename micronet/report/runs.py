@@ -1,7 +1,7 @@
 """Library behind the notebooks: the runs table, score breakdowns and plots (+ data set-up).
 
 ``evaluate.ipynb`` and ``setup_data.ipynb`` only call functions from here; the data set-up ones
-live in :mod:`micronet.report_data` and are re-exported. Typical use::
+live in :mod:`micronet.report.data_setup` and are re-exported. Typical use::
 
     rows = collect_runs()                      # every run under results/
     print(runs_table(rows, fmt="text"))
@@ -28,9 +28,9 @@ import yaml
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from micronet.config import MicronetError
-from micronet.paths import results_root
-from micronet.report_data import (  # re-exported for the notebooks
+from micronet.runs.config import MicronetError
+from micronet.runs.paths import results_root
+from micronet.report.data_setup import (  # re-exported for the notebooks
     DEFAULT_CUTOFFS,
     checksum_rows,
     data_config,
@@ -297,7 +297,7 @@ def plot_components(score_json: Mapping | str | os.PathLike | None, ax: Sequence
         ax_p.text(0.5, 0.5, "no scored run: python -m micronet.score name=<run>", ha="center",
                   transform=ax_p.transAxes)
         return fig
-    from micronet.score import Row, _group  # lazy: imports torch
+    from micronet.scoring.counts import Row, _group  # lazy: imports torch
 
     rows = [Row(**{k: c[k] for k in ("component", "params", "muls", "mul_ops", "adds", "others")})
             for c in s.get("components", [])]

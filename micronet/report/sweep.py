@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from micronet.report import CONVENTIONS, _figure_axes
+from micronet.report.runs import CONVENTIONS, _figure_axes
 
 _PRUNED = re.compile(r"^prune(?P<s>[0-9.]+)_")
 

@@ -15,8 +15,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from micronet.config import MicronetError
-from micronet.paths import CONF_DIR
+from micronet.runs.config import MicronetError
+from micronet.runs.paths import CONF_DIR
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

@@ -12,8 +12,8 @@ import logging
 
 from omegaconf import OmegaConf
 
-from micronet.config import MicronetError
-from micronet.results import CheckpointError, RunDir
+from micronet.runs.config import MicronetError
+from micronet.runs.results import CheckpointError, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ def recorded_parent_step(rd: RunDir, parent: RunDir, step: int | None) -> int | 
 def evaluate_and_score(name: str, step: int, splits: list[str], chunk_len: int, n_cache: int = 0,
                        device: str = "auto") -> dict:
     """Evaluate ``splits`` (eval_step<S>.json) then score (score_step<S>.json) a finished run."""
-    from micronet import evaluate, score
+    from micronet.stagekit import evaluation as evaluate
+    from micronet.scoring import counts as score
 
     if splits:
         evaluate.run(OmegaConf.create({"name": name, "step": step, "splits": list(splits), "chunk_len": chunk_len,

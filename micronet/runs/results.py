@@ -7,7 +7,7 @@
 * ``train_results.csv``     one row per validation (appended; a torn last row is dropped on resume)
 * ``<stage>.log``           log of every invocation
 * ``eval_step<S>.json`` (``eval_step<S>_n<N>.json`` with an eval cache of N), ``score_step<S>.json``, ``cache_step<S>_n<N>.yaml``
-* ``quantize_step<S>.json``, ``model.mnq``  quantized runs: summary and packed export (micronet.export)
+* ``quantize_step<S>.json``, ``model.mnq``  quantized runs: summary and packed export (micronet.compress.export)
 * ``sensitivity_<target>.yaml/.png``, ``sensitivity_step<S>_curves.json``  pruning sensitivity analysis
 * ``.guard``                held (flock) by the one process working on the directory
 
@@ -36,8 +36,8 @@ from typing import Any, Iterator
 import torch
 import yaml
 
-from micronet.config import MicronetError
-from micronet.paths import PROJECT_ROOT, results_root
+from micronet.runs.config import MicronetError
+from micronet.runs.paths import PROJECT_ROOT, results_root
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ A :class:`ModelCounts` says what to count (architecture + per-tensor nonzeros an
 from a config and target densities or measured on a live model. :func:`build_ops` lists the ops one
 test token costs; :func:`micronet.score_rules.count` applies a convention's rule table ("paper" =
 the original entry's accounting, "strict" = the official rules applied fully; see
-:mod:`micronet.score_rules`). The pruning targets of the original live in :mod:`micronet.schedules`.
+:mod:`micronet.scoring.rules`). The pruning targets of the original live in :mod:`micronet.compress.schedules`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from micronet.model import ModelConfig, TransformerLM
-from micronet.score_rules import (
+from micronet.model.transformer import ModelConfig, TransformerLM
+from micronet.scoring.rules import (
     CONVENTIONS,
     FC,
     OPS_BASELINE,
@@ -379,11 +379,11 @@ def run(cfg) -> dict:
     import json
     import logging
 
-    from micronet.cli import setup_logging
-    from micronet.config import ConfigError, typed
-    from micronet.data import DataConfig, load_corpus
-    from micronet.evaluate import load_model
-    from micronet.results import RunDir, write_json
+    from micronet.runs.cli import setup_logging
+    from micronet.runs.config import ConfigError, typed
+    from micronet.data.corpus import DataConfig, load_corpus
+    from micronet.stagekit.evaluation import load_model
+    from micronet.runs.results import RunDir, write_json
 
     scfg = typed(ScoreConfig, cfg, "score")
     if scfg.convention not in CONVENTIONS:
@@ -430,7 +430,7 @@ def run(cfg) -> dict:
 
 def main() -> None:
     """Entry point of ``python -m micronet.score``."""
-    from micronet.cli import stage_main
+    from micronet.runs.cli import stage_main
 
     stage_main("score", run)()
 

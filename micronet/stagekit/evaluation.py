@@ -3,7 +3,7 @@
     python -m micronet.evaluate name=<run> [step=S] [splits=[valid,test]] [fast=true]
 
 Writes ``results/<name>/eval_step<S>.json`` (``eval_step<S>_n<N>.json`` with ``n_cache=N``) with loss (mean NLL, nats), ppl and tokens per split.
-``fast=true`` evaluates the CPU inference model of :mod:`micronet.fast_infer` (int8 kernels, no fake
+``fast=true`` evaluates the CPU inference model of :mod:`micronet.compress.fast_infer` (int8 kernels, no fake
 quantization) instead, into ``eval_step<S>[_n<N>]_fast.json``: the reference files (which ``score`` reads)
 keep the exact model's figures.
 """
@@ -21,14 +21,14 @@ import torch
 from omegaconf import DictConfig
 from torch.nn.utils import parametrize
 
-from micronet.cache import EvalCache, attach_cache, checkpoint_cache_config, eval_cache_for
-from micronet.cli import setup_logging, stage_main
-from micronet.config import ConfigError, typed
-from micronet.data import DataConfig, load_corpus
-from micronet.fast_infer import build_fast_model
-from micronet.model import ModelConfig, TransformerLM
-from micronet.progress import bar
-from micronet.results import CheckpointError, RunDir, write_json
+from micronet.model.cache import EvalCache, attach_cache, checkpoint_cache_config, eval_cache_for
+from micronet.runs.cli import setup_logging, stage_main
+from micronet.runs.config import ConfigError, typed
+from micronet.data.corpus import DataConfig, load_corpus
+from micronet.compress.fast_infer import build_fast_model
+from micronet.model.transformer import ModelConfig, TransformerLM
+from micronet.runs.progress import bar
+from micronet.runs.results import CheckpointError, RunDir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class EvalConfig:
     chunk_len: int = 4032  # tokens per forward pass; memory is carried between chunks
     device: str = "auto"
     n_cache: int = 0  # evaluation cache size (independent of training's); 0 = off
-    fast: bool = False  # evaluate micronet.fast_infer's int8 CPU inference model; results in *_fast.json
+    fast: bool = False  # evaluate micronet.compress.fast_infer's int8 CPU inference model; results in *_fast.json
 
     def validate(self) -> None:
         if self.chunk_len < 1 or self.n_cache < 0:
@@ -104,7 +104,7 @@ def load_model(run: RunDir, step: int | None, device: torch.device | str = "cpu"
         model = TransformerLM(ModelConfig(**ckpt["model_config"]))
         attach_cache(model, checkpoint_cache_config(ckpt))  # its learned lambda/theta are in the state
         if ckpt.get("quant"):  # a quantized run: rebuild its masks and quantizers before loading their state
-            from micronet.quantize import prepare_from_checkpoint  # (micronet.quantize imports this module)
+            from micronet.compress.quantize import prepare_from_checkpoint  # (micronet.quantize imports this module)
 
             prepare_from_checkpoint(model, ckpt["quant"])
         model.load_state_dict(ckpt["model"])

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from micronet.config import ConfigError, MicronetError
+from micronet.runs.config import ConfigError, MicronetError
 
 T = TypeVar("T")
 TIMEOUT_ENV = "MICRONET_DIST_TIMEOUT"

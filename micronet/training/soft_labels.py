@@ -42,13 +42,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from micronet.cli import StopSignals, setup_logging, stage_main
-from micronet.config import ConfigError, MicronetError, typed
-from micronet.data import Corpus, DataConfig, load_corpus
-from micronet.evaluate import load_model, pick_device
-from micronet.model import Memory
-from micronet.progress import bar
-from micronet.results import RunDir, atomic_write_bytes, code_version, write_error, write_json
+from micronet.runs.cli import StopSignals, setup_logging, stage_main
+from micronet.runs.config import ConfigError, MicronetError, typed
+from micronet.data.corpus import Corpus, DataConfig, load_corpus
+from micronet.stagekit.evaluation import load_model, pick_device
+from micronet.model.transformer import Memory
+from micronet.runs.progress import bar
+from micronet.runs.results import RunDir, atomic_write_bytes, code_version, write_error, write_json
 
 log = logging.getLogger(__name__)
 

@@ -20,20 +20,20 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from micronet import distributed
-from micronet.cache import CacheConfig, EvalCache, attach_cache
-from micronet.cli import StopSignals, setup_logging, stage_main
-from micronet.config import ConfigError, MicronetError, as_dict, typed
-from micronet.data import Corpus, DataConfig, load_corpus
-from micronet.derived import lineage
-from micronet.distill import Distiller, build_distiller
-from micronet.evaluate import evaluate_stream, pick_device
-from micronet.hebbian import HebbianConfig, HebbianSoftmax
-from micronet.model import ModelConfig, TransformerLM, count_parameters
-from micronet.progress import bar
-from micronet.results import (CheckpointError, RunDir, append_csv_row, atomic_write_text, code_version,
+from micronet.training import distributed
+from micronet.model.cache import CacheConfig, EvalCache, attach_cache
+from micronet.runs.cli import StopSignals, setup_logging, stage_main
+from micronet.runs.config import ConfigError, MicronetError, as_dict, typed
+from micronet.data.corpus import Corpus, DataConfig, load_corpus
+from micronet.runs.lineage import lineage
+from micronet.training.distill import Distiller, build_distiller
+from micronet.stagekit.evaluation import evaluate_stream, pick_device
+from micronet.model.hebbian import HebbianConfig, HebbianSoftmax
+from micronet.model.transformer import ModelConfig, TransformerLM, count_parameters
+from micronet.runs.progress import bar
+from micronet.runs.results import (CheckpointError, RunDir, append_csv_row, atomic_write_text, code_version,
                               truncate_csv)
-from micronet.train_config import OptimConfig, TrainConfig, build_model_config, lr_at, same_model
+from micronet.training.config import OptimConfig, TrainConfig, build_model_config, lr_at, same_model
 
 log = logging.getLogger(__name__)
 
