@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
-from micronet.cache import EvalCache
-from micronet.cache_search import CacheObjective, hidden_states
-from micronet.data import DataConfig, load_corpus
-from micronet.evaluate import evaluate_stream, load_model
-from micronet.model import ModelConfig, TransformerLM
-from micronet.results import RunDir
+from micronet.compress.checkpoint import load_model
+from micronet.data.corpus import DataConfig, load_corpus
+from micronet.model.cache import EvalCache
+from micronet.model.cache_search import CacheObjective, hidden_states
+from micronet.model.evaluation import evaluate_stream
+from micronet.model.transformer import ModelConfig, TransformerLM
+from micronet.runs.results import RunDir
 
 
 def main() -> None:

@@ -42,13 +42,14 @@ import torch
 
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-from micronet.cache import eval_cache_for
-from micronet.data import DataConfig, load_corpus
-from micronet.evaluate import evaluate_stream, load_model
-from micronet.export import load_mnq
-from micronet.fast_infer import (DEFAULT_ENGINE, DEFAULT_SEGMENT_LEN, build_fast_model, int8_linear, plain_copy,
-                                 quant_engine)
-from micronet.results import RunDir
+from micronet.compress.checkpoint import load_model
+from micronet.compress.export import load_mnq
+from micronet.compress.fast_infer import (DEFAULT_ENGINE, DEFAULT_SEGMENT_LEN, build_fast_model, int8_linear,
+                                          plain_copy, quant_engine)
+from micronet.data.corpus import DataConfig, load_corpus
+from micronet.model.cache import eval_cache_for
+from micronet.model.evaluation import evaluate_stream
+from micronet.runs.results import RunDir
 
 VARIANTS = ("dense", "dense_seg32", "pruned", "fake_quant", "fast_fp32", "fast_int8_seg96", "fast_int8")
 QUANT_RUN = "quantize_prune0.358_wt2_8.3M_step300_cache2000_bits9"

@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from micronet.evaluate import evaluate_stream
-from micronet.export import effective, export_mnq, load_mnq, pack_codes, plain_names, same_weights, unpack_codes
-from micronet.model import ModelConfig, TransformerLM
-from micronet.prune import magnitude_mask
-from micronet.quantize import calibrate, levels, prepare, quantized_weights
+from micronet.compress.export import (effective, export_mnq, load_mnq, pack_codes, plain_names, same_weights,
+                                      unpack_codes)
+from micronet.compress.prune import magnitude_mask
+from micronet.compress.quantize import calibrate, levels, prepare, quantized_weights
+from micronet.model.evaluation import evaluate_stream
+from micronet.model.transformer import ModelConfig, TransformerLM
 
 
 

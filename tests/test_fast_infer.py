@@ -12,16 +12,17 @@ import torch
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from conftest import compose_cfg, run_cli
-from micronet import evaluate, fast_infer, quantize, train
-from micronet.cache import EvalCache
-from micronet.config import ConfigError, MicronetError
-from micronet.evaluate import evaluate_stream
-from micronet.export import export_mnq, load_mnq
-from micronet.fast_infer import FastAdaptiveLogSoftmax, build_fast_model
-from micronet.model import ModelConfig, TransformerLM
-from micronet.prune import magnitude_mask
-from micronet.quantize import calibrate, prepare
-from micronet.results import RunDir
+from micronet import evaluate, quantize, train
+from micronet.compress import fast_infer
+from micronet.compress.export import export_mnq, load_mnq
+from micronet.compress.fast_infer import FastAdaptiveLogSoftmax, build_fast_model
+from micronet.compress.prune import magnitude_mask
+from micronet.compress.quantize import calibrate, prepare
+from micronet.model.cache import EvalCache
+from micronet.model.evaluation import evaluate_stream
+from micronet.model.transformer import ModelConfig, TransformerLM
+from micronet.runs.config import ConfigError, MicronetError
+from micronet.runs.results import RunDir
 from test_soft_labels import tiny_train, write_tiny_corpus
 
 # Tolerances of the int8 model against the fake-quantized one, per token log p(target) on a model whose

@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 
 from conftest import compose_cfg, run_cli
 from micronet import pipeline
-from micronet.config import ConfigError, MicronetError
-from micronet.paths import PROJECT_ROOT
-from micronet.results import RunDir
+from micronet.runs.config import ConfigError, MicronetError
+from micronet.runs.paths import PROJECT_ROOT
+from micronet.runs.results import RunDir
 from test_notebooks import kernel, outputs, run_notebook, write_tiny_corpus  # noqa: F401 (kernel: a fixture)
 
 TEACHER, STUDENT, PRUNED = "tiny_teacher", "tiny_student", "prune0.358_tiny_student"

@@ -8,7 +8,7 @@ matplotlib.use("Agg")
 
 import pytest  # noqa: E402
 
-from micronet.report_sweep import plot_sweep, sweep_points  # noqa: E402
+from micronet.report.sweep import plot_sweep, sweep_points  # noqa: E402
 
 
 def _row(name, parent=None, stage=None, bits=None, score=None, ppl=None, n_cache=2000):

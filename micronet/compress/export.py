@@ -36,11 +36,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from micronet.model.cache import CacheConfig, attach_cache, model_cache
-from micronet.runs.config import MicronetError, as_dict
-from micronet.model.transformer import ModelConfig, TransformerLM
 from micronet.compress.prune import locate
 from micronet.compress.quantize import WeightQuant, act_quantizers, attach_act_quantizers, levels, quantized_weights
+from micronet.model.cache import CacheConfig, attach_cache, model_cache
+from micronet.model.transformer import ModelConfig, TransformerLM
+from micronet.runs.config import MicronetError, as_dict
 from micronet.runs.results import atomic_write_bytes
 
 MAGIC = b"MNQ1"

@@ -21,7 +21,7 @@ them), so it is slower than its dense fp32 parent. Here:
   (96 + 96 for the 8.3M models): 31 masked-out scores per query instead of 95, the same band attention
   (equal up to float rounding).
 
-The result has the API :func:`micronet.evaluate.evaluate_stream` uses (``model(x, mem)``,
+The result has the API :func:`micronet.model.evaluation.evaluate_stream` uses (``model(x, mem)``,
 ``target_log_probs``, ``log_probs``, ``.cfg``), so evaluation with carried memory and the eval cache
 runs unchanged. It is for inference only (no gradients; the int8 modules have none).
 """
@@ -40,10 +40,11 @@ from torch import nn
 from torch.ao.nn.intrinsic.quantized.dynamic import LinearReLU as DynamicLinearReLU
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
+from micronet.compress.export import effective, load_mnq, plain_names
 from micronet.model.adaptive import AdaptiveLogSoftmax, full_log_probs
 from micronet.model.cache import CacheConfig, attach_cache, model_cache
-from micronet.runs.config import ConfigError, MicronetError
 from micronet.model.transformer import TransformerLM
+from micronet.runs.config import ConfigError, MicronetError
 
 BACKENDS = ("int8", "fp32")
 # Measured on the WikiText-2 9-bit model, 1 thread, AVX2 (bench/compressed_inference.py and its --engine):
@@ -155,8 +156,6 @@ class FastAdaptiveLogSoftmax(nn.Module):
 def plain_copy(model: nn.Module, segment_len: int | None = None) -> TransformerLM:
     """A TransformerLM holding ``model``'s effective weights, without masks or fake quantizers
     (``segment_len``: its attention block length instead of the model's; results do not depend on it)."""
-    from micronet.compress.export import effective, plain_names  # (micronet.compress.export imports micronet.quantize)
-
     cfg = dataclasses.replace(model.cfg, cutoffs=list(model.cfg.cutoffs), bin_dims=list(model.cfg.bin_dims))
     if segment_len is not None:
         cfg.segment_len = int(segment_len)
@@ -198,8 +197,6 @@ def build_fast_model(source: str | Path | nn.Module, backend: str = "int8", engi
     if backend not in BACKENDS:
         raise ConfigError(f"fast backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(source, (str, Path)):
-        from micronet.compress.export import load_mnq
-
         source = load_mnq(Path(source))
     if not isinstance(source, TransformerLM):
         raise MicronetError(f"build_fast_model needs a TransformerLM or a model.mnq path, got {type(source).__name__}")

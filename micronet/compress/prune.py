@@ -1,27 +1,19 @@
-"""Prune stage: per-tensor magnitude pruning on the AGP cubic schedule while fine-tuning.
+"""Magnitude pruning on the AGP cubic schedule: prunable tensors, schedules, masks and the pruner.
 
-    python -m micronet.prune name=<trained run> [prune=<schedule>] [step=S] [finetune=wt2|wt103]
-    python -m micronet.prune -m name=<trained run> prune=0.239,0.358,0.477
-
-Creates ``results/prune<s>_<name>/`` (s = the schedule's name) from checkpoint S (default: the
-newest) of ``<name>`` and fine-tunes it with the train stage's :class:`~micronet.train.Trainer`
-(same loop, resume, guard, checkpoints, CSV, progress bar). Prunable tensor t follows
+Prunable tensor t follows
 
     s_t(e) = s_f + (s_i - s_f) (1 - e / E)^3,   e = 0 .. E = prune.rounds       (Zhu & Gupta 2017)
 
-with its mask recomputed (the round(s numel) smallest magnitudes) at step ``e * prune.every``; after
-step ``E * every`` training continues with fixed masks to ``train.steps``. Schedules (conf/prune/):
-the original's ``0.239`` / ``0.358`` / ``0.477`` (targets from :mod:`micronet.compress.schedules`),
-``uniform`` (``prune.target`` everywhere) and ``sensitivity`` (``micronet.sensitivity``'s output).
+with its mask recomputed (the round(s numel) smallest magnitudes) at step ``e * prune.every``
+(:class:`AGPPruner`, a :class:`~micronet.training.trainer.Trainer` step hook). Schedules: the original's
+``0.239`` / ``0.358`` / ``0.477`` (targets from :mod:`micronet.compress.schedules`), ``uniform``
+(``prune.target`` everywhere) and ``sensitivity`` (:mod:`micronet.compress.sensitivity`'s output).
 
 Masks are ``torch.nn.utils.parametrize`` parametrizations, so every forward (the tied softmax reads the
 same table) sees the masked weight. After every optimizer step the originals and Adam's moments are
 zeroed at masked positions: momentum cannot regrow a pruned weight and a recomputed mask (magnitudes
-of the originals) never revives one.
-
-Checkpoint format: plain TransformerLM keys holding the masked weights; a pruned tensor's mask is
-``weight != 0`` (its originals are exactly 0 where masked), so evaluate / score / quantize load pruned
-runs like any other. ``ckpt["prune"]`` records the schedule, ``ckpt["lineage"]`` the parent.
+of the originals) never revives one. A pruned checkpoint holds plain TransformerLM keys (the masked
+weights): a tensor's mask is ``weight != 0``.
 """
 
 from __future__ import annotations
@@ -29,23 +21,18 @@ from __future__ import annotations
 import logging
 import math
 import re
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.utils import parametrize
 
-from micronet.model.cache import checkpoint_cache_config
-from micronet.runs.cli import setup_logging, stage_main
-from micronet.runs.config import ConfigError, typed
-from micronet.data.corpus import DataConfig, load_corpus
-from micronet.runs.lineage import evaluate_and_score, lineage, recorded_parent_step
-from micronet.model.transformer import ModelConfig
-from micronet.runs.results import RunDir, atomic_write_text, code_version
 from micronet.compress.schedules import SCHEDULE_SCALES, prune_targets
+from micronet.model.transformer import ModelConfig
+from micronet.runs.config import ConfigError
+from micronet.runs.results import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +63,6 @@ class PruneConfig:
             raise ValueError(f"prune.initial must be in [0, prune.target], got {self.initial}")
         if self.every < 1 or self.rounds < 1:
             raise ValueError(f"prune.every and prune.rounds must be >= 1, got {self.every}, {self.rounds}")
-
-
-@dataclass
-class PruneStageConfig:
-    """Top-level keys of ``conf/prune.yaml``."""
-
-    name: str = "???"  # the trained (parent) run
-    step: int | None = None  # parent checkpoint; None = newest (when resuming: the recorded one)
-    eval_splits: list[str] = field(default_factory=lambda: ["valid", "test"])  # evaluated at the end
-    eval_chunk_len: int = 4032
-    finetune_data: str | None = None  # the data the finetune preset is meant for (a warning if not)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -292,88 +268,3 @@ class AGPPruner(MaskHolder):
                 w = getattr(module, attr)
                 out[n] = 1.0 - torch.count_nonzero(w).item() / w.numel()
             return out
-
-
-# ----------------------------------------------------------------------------- the stage
-
-
-def pruned_name(schedule: str, parent: str) -> str:
-    """Results name of ``parent`` pruned with schedule ``schedule`` (also used by micronet.pipeline)."""
-    return f"prune{schedule}_{parent}"
-
-
-def run(cfg: DictConfig) -> dict:
-    """Prune-and-fine-tune (or resume) ``results/prune<s>_<name>``; returns the score JSON (or {})."""
-    from micronet.training.trainer import OptimConfig, TrainConfig, Trainer, truncate_csv
-
-    st = typed(PruneStageConfig, {k: cfg.get(k) for k in PruneStageConfig.__dataclass_fields__ if k in cfg},
-               "prune stage")
-    pcfg = typed(PruneConfig, cfg.get("prune"), "prune")
-    train_cfg = typed(TrainConfig, cfg.get("train"), "train")
-    optim_cfg = typed(OptimConfig, cfg.get("optim"), "optim")
-    if train_cfg.steps < pcfg.every * pcfg.rounds:
-        raise ConfigError(f"train.steps={train_cfg.steps} < prune.every x prune.rounds = {pcfg.every * pcfg.rounds}: "
-                          "the final sparsity would never be reached")
-    parent = RunDir(st.name).require()
-    rd = RunDir(pruned_name(pcfg.name, parent.name))
-    with rd.guard("prune"):
-        setup_logging(rd.log_path("prune"))
-        ckpt = parent.load(recorded_parent_step(rd, parent, st.step))
-        if ckpt.get("quant"):
-            raise ConfigError(f"{parent.name} is a quantized run; prune its full-precision parent instead")
-        pstep = int(ckpt["step"])
-        model_cfg = ModelConfig(**ckpt["model_config"])
-        data_cfg = typed(DataConfig, ckpt["data_config"], "data")
-        if st.finetune_data and st.finetune_data != data_cfg.name:
-            log.warning("the finetune preset is meant for %s but %s was trained on %s (finetune=wt103 gives the "
-                        "original's hyperparameters)", st.finetune_data, parent.name, data_cfg.name)
-        targets = schedule_targets(pcfg, model_cfg, parent)
-        corpus = load_corpus(data_cfg)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        resolved["lineage"] = lineage("prune", parent, pstep)
-        trainer = Trainer(rd, train_cfg, optim_cfg, model_cfg, data_cfg, corpus, resolved,
-                          cache_cfg=checkpoint_cache_config(ckpt))  # training cache on iff the parent had it
-        if not trainer.resume():  # resume first: the checkpoint has plain keys, masks = weights != 0
-            trainer.model.load_state_dict(ckpt["model"])
-            log.info("pruning %s step %d with schedule %s over %d tensors", parent.name, pstep, pcfg.name, len(targets))
-        del ckpt
-        pruner = AGPPruner(trainer.model, targets, pcfg.every, pcfg.rounds, trainer.optimizer)
-        pruner.start(trainer.step)
-        trainer.after_step = (*trainer.after_step, pruner)
-        trainer.extra_state = {"prune": {"schedule": pcfg.name, "kind": pcfg.kind, "every": pcfg.every,
-                                         "rounds": pcfg.rounds, "targets": {k: list(v) for k, v in targets.items()}},
-                               "lineage": resolved["lineage"]}
-        truncate_csv(rd, trainer.step)
-        resolved["code"] = code_version()
-        atomic_write_text(rd.config_path, OmegaConf.to_yaml(resolved))
-        trainer.train()
-        for name, s in pruner.measured().items():
-            log.info("sparsity %-28s %.4f (target %.4f)", name, s, targets[name][1])
-        if trainer.step < train_cfg.steps:
-            print(f"stopped at step {trainer.step}; results in {rd.path}")
-            return {}
-        out = evaluate_and_score(rd.name, trainer.step, st.eval_splits, st.eval_chunk_len, device=train_cfg.device)
-    print(f"{rd.name} step {out['step']}: score {out['score']:.6f}; results in {rd.path}")
-    return out
-
-
-def normalize_argv(argv: list[str]) -> list[str]:
-    """Quote numeric schedule names (``prune=0.358`` / ``prune=0.239,0.358``): Hydra would read them as
-    floats, and a config-group choice must be a string."""
-    out = []
-    for a in argv:
-        m = re.fullmatch(r"prune=([\w.]+(?:,[\w.]+)*)", a)  # plain names only (no quotes, brackets, sweeps fns)
-        out.append("prune=" + ",".join(f"'{v}'" for v in m.group(1).split(",")) if m else a)
-    return out
-
-
-def main() -> None:
-    """Entry point of ``python -m micronet.prune``."""
-    sys.argv[1:] = normalize_argv(sys.argv[1:])
-    stage_main("prune", run)()
-
-
-if __name__ == "__main__":
-    from micronet.compress.prune import main as canonical_main  # its classes, not __main__'s copies (isinstance)
-
-    canonical_main()

@@ -1,9 +1,4 @@
-"""Quantize stage: symmetric uniform N-bit weights and activations, calibration or QAT, packed export.
-
-    python -m micronet.quantize name=<run> bits=<b> [act_bits=<a>] [n_cache=N] [step=S] [quant.steps=K]
-    python -m micronet.quantize -m name=<run> bits=8,9,10
-
-Creates ``results/quantize_<name>_step<S>_cache<N>_bits<b>/`` (spec section 6):
+"""Symmetric uniform N-bit fake quantization of weights and activations (spec section 6).
 
 * weights: ``2^(b-1) - 1`` levels each side, zero point 0; Linear weights per output channel, the tied
   tables and every bias per tensor (``torch.nn.utils.parametrize`` + ``torch.fake_quantize_*``, a
@@ -13,42 +8,27 @@ Creates ``results/quantize_<name>_step<S>_cache<N>_bits<b>/`` (spec section 6):
   per layer (LN1 out, qkv out, attention probabilities, attn.V, LN2 out, ReLU out, FFN out) plus the
   final hidden state; they observe only in training mode. Not quantized: position tables, LayerNorms,
   tail projections' outputs, logits, cache maths.
-* pruning masks (zeros of a pruned parent) are kept as :class:`micronet.prune.Mask` parametrizations
-  under the quantizer, so pruned weights stay exactly 0.
+* pruning masks (zeros of a pruned parent) are kept as :class:`micronet.compress.prune.Mask`
+  parametrizations under the quantizer, so pruned weights stay exactly 0.
 
-``quant.steps <= 1``: calibration (the original's single step): a few training batches in forward mode
-set the activation ranges. ``quant.steps > 1``: QAT through :class:`~micronet.train.Trainer`.
-The checkpoint holds the parametrized state (full-precision originals, masks, quantizer buffers) and
-``ckpt["quant"]``, from which :func:`prepare_from_checkpoint` (called by ``evaluate.load_model``)
-rebuilds the structure. The job copies the parent's searched cache parameters, evaluates, writes the
-packed export ``model.mnq`` (:mod:`micronet.compress.export`, verified by reloading), scores, and writes
-``quantize_step<S>.json`` (export size next to the counted storage).
+:func:`prepare` puts the structure on a model and returns the ``ckpt["quant"]`` record, from which
+:func:`prepare_from_checkpoint` (called by :func:`micronet.compress.checkpoint.load_model`) rebuilds it;
+:func:`calibrate` sets the activation ranges from a few training batches. The stage is
+:mod:`micronet.quantize`; the packed export :mod:`micronet.compress.export`.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
 from torch.nn.utils import parametrize
 
-from micronet.model.cache import attach_cache, checkpoint_cache_config, read_cache_params, write_cache_params
-from micronet.runs.cli import setup_logging, stage_main
-from micronet.runs.config import ConfigError, MicronetError, typed
-from micronet.data.corpus import DataConfig, load_corpus
-from micronet.stagekit.evaluation import pick_device
-from micronet.model.transformer import ModelConfig, TransformerLM
-from micronet.runs.lineage import evaluate_and_score, lineage
-from micronet.compress.prune import MaskHolder, locate, set_mask, sparse_masks
-from micronet.runs.results import CheckpointError, RunDir, atomic_write_text, code_version, write_json
-
-log = logging.getLogger(__name__)
+from micronet.compress.prune import locate, set_mask
+from micronet.data.batches import sample_batch
+from micronet.model.transformer import TransformerLM
+from micronet.runs.config import ConfigError
 
 TABLE_SCALES = "tensor"  # the tied tables have one scale each (micronet.score's table_scales)
 
@@ -185,8 +165,6 @@ def prepare_from_checkpoint(model: TransformerLM, quant: dict) -> None:
 def calibrate(model: TransformerLM, data: np.ndarray, batches: int, batch_size: int, chunk_len: int,
               seed: int = 0, device: torch.device | str = "cpu") -> int:
     """Set the activation ranges from ``batches`` random training chunks (dropout off); returns tokens seen."""
-    from micronet.training.trainer import sample_batch
-
     rng = np.random.default_rng(seed)
     model.eval()
     for _, q in act_quantizers(model):
@@ -196,162 +174,3 @@ def calibrate(model: TransformerLM, data: np.ndarray, batches: int, batch_size: 
         model(x.to(device))
     model.eval()
     return batches * batch_size * chunk_len
-
-
-# ----------------------------------------------------------------------------- the stage
-
-
-@dataclass
-class QuantConfig:
-    """The ``quant`` node: calibration or QAT."""
-
-    steps: int = 1  # <= 1: calibration only (the original's single step); > 1: QAT steps through the Trainer
-    calib_batches: int = 4
-    calib_batch_size: int = 1
-    calib_chunk_len: int = 1152
-    ema: float = 0.999  # activation range EMA
-
-    def validate(self) -> None:
-        if self.calib_batches < 1 or self.calib_batch_size < 1 or self.calib_chunk_len < 1:
-            raise ValueError("quant.calib_batches, calib_batch_size and calib_chunk_len must be positive")
-        if not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"quant.ema must be in [0, 1), got {self.ema}")
-
-
-@dataclass
-class QuantizeStageConfig:
-    """Top-level keys of ``conf/quantize.yaml``."""
-
-    name: str = "???"
-    step: int | None = None  # None: newest checkpoint
-    bits: int = 9
-    act_bits: int | None = None  # None: = bits
-    n_cache: int | None = None  # None: the largest searched cache of that step (cache_step<S>_n<N>.yaml), else 0
-    eval_splits: list[str] = field(default_factory=lambda: ["valid", "test"])
-    eval_chunk_len: int = 4032
-    device: str = "auto"
-
-    def validate(self) -> None:
-        check_bits(self.bits)
-        if self.act_bits is not None:
-            check_bits(self.act_bits, "act_bits")
-        if self.n_cache is not None and self.n_cache < 0:
-            raise ValueError(f"n_cache must be >= 0, got {self.n_cache}")
-
-
-def searched_caches(parent: RunDir, step: int) -> list[int]:
-    """Cache sizes searched for ``step`` of ``parent`` (its ``cache_step<S>_n<N>.yaml`` files), ascending."""
-    return sorted(int(p.stem.rsplit("_n", 1)[1]) for p in parent.path.glob(f"cache_step{step}_n*.yaml"))
-
-
-def _searched_cache(parent: RunDir, step: int) -> int:
-    found = searched_caches(parent, step)
-    return found[-1] if found else 0
-
-
-def quantized_name(parent: str, step: int, n_cache: int, bits: int) -> str:
-    """Results name of step ``step`` of ``parent`` quantized to ``bits`` (also used by micronet.pipeline)."""
-    return f"quantize_{parent}_step{int(step)}_cache{int(n_cache)}_bits{int(bits)}"
-
-
-def _plain_model(ckpt: dict) -> TransformerLM:
-    model = TransformerLM(ModelConfig(**ckpt["model_config"]))
-    attach_cache(model, checkpoint_cache_config(ckpt))
-    model.load_state_dict(ckpt["model"])
-    return model
-
-
-def run(cfg: DictConfig) -> dict:
-    """Quantize a run's checkpoint into its own results dir; returns the quantize summary JSON."""
-    from micronet.compress.export import export_mnq, load_mnq, same_weights
-    from micronet.training.trainer import OptimConfig, TrainConfig, Trainer, truncate_csv
-
-    top = {k: cfg.get(k) for k in QuantizeStageConfig.__dataclass_fields__ if k in cfg}
-    qs = typed(QuantizeStageConfig, top, "quantize")
-    qc = typed(QuantConfig, cfg.get("quant"), "quant")
-    act_bits = qs.act_bits if qs.act_bits is not None else qs.bits
-    parent = RunDir(qs.name).require()
-    ckpt = parent.load(qs.step)
-    if ckpt.get("quant"):
-        raise ConfigError(f"{parent.name} is already quantized; quantize its full-precision parent")
-    pstep = int(ckpt["step"])
-    n_cache = qs.n_cache if qs.n_cache is not None else _searched_cache(parent, pstep)
-    rd = RunDir(quantized_name(parent.name, pstep, n_cache, qs.bits))
-    qat = qc.steps > 1
-    with rd.guard("quantize"):
-        setup_logging(rd.log_path("quantize"))
-        have = rd.steps()
-        if have and (max(have) > max(qc.steps, 1) or (not qat and have != [1])):
-            raise CheckpointError(f"results/{rd.name} holds checkpoints {have} of other quant.steps; remove it "
-                                  f"or use the same settings")
-        data_cfg = typed(DataConfig, ckpt["data_config"], "data")
-        corpus = load_corpus(data_cfg)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        resolved["lineage"] = lineage("quantize", parent, pstep)
-        if qat:
-            train_cfg = typed(TrainConfig, {**(cfg.get("train") or {}), "steps": qc.steps}, "train")
-            trainer = Trainer(rd, train_cfg, typed(OptimConfig, cfg.get("optim"), "optim"),
-                              ModelConfig(**ckpt["model_config"]), data_cfg, corpus, resolved,
-                              cache_cfg=checkpoint_cache_config(ckpt))
-            trainer.model.load_state_dict(ckpt["model"])
-            masks = sparse_masks(trainer.model)
-            info = prepare(trainer.model, qs.bits, act_bits, qc.ema, masks)
-            trainer.after_step = (*trainer.after_step, MaskHolder(trainer.model, list(masks), trainer.optimizer))
-            trainer.extra_state = {"quant": {**info, "steps": qc.steps}, "lineage": resolved["lineage"]}
-            trainer.resume()  # parametrized keys: the structure is in place before loading
-            truncate_csv(rd, trainer.step)
-            trainer.train()
-            if trainer.step < qc.steps:
-                print(f"stopped at step {trainer.step}; results in {rd.path}")
-                return {}
-            model, step = trainer.model, trainer.step
-        else:
-            device = pick_device(qs.device)
-            model = _plain_model(ckpt).to(device)
-            info = prepare(model, qs.bits, act_bits, qc.ema, sparse_masks(model))
-            tokens = calibrate(model, corpus.train, qc.calib_batches, qc.calib_batch_size, qc.calib_chunk_len,
-                               device=device)
-            step = 1
-            rd.save(step, {"model": model.state_dict(), "model_config": ckpt["model_config"],
-                           "data_config": ckpt["data_config"], "cache_config": ckpt.get("cache_config"),
-                           "data_manifest": ckpt.get("data_manifest"), "tokens": tokens, "code": code_version(),
-                           "quant": {**info, "steps": 1}, "lineage": resolved["lineage"]})
-        del ckpt
-        log.info("quantized %s step %d: %d-bit weights, %d-bit activations (%d quantizers), %d masked tensors",
-                 parent.name, pstep, qs.bits, act_bits, info["n_act_quantizers"], len(info["masked"]))
-        resolved["code"] = code_version()
-        atomic_write_text(rd.config_path, OmegaConf.to_yaml(resolved))
-        if n_cache:
-            src = parent.cache_params_path(pstep, n_cache)
-            if src.exists():
-                lam, theta = read_cache_params(src)
-                write_cache_params(rd.cache_params_path(step, n_cache), n_cache, lam, theta,
-                                   source=f"{parent.name}/{src.name}")
-            else:
-                log.warning("%s has no %s: the evaluation cache uses learned or default lambda/theta",
-                            parent.name, src.name)
-        model.cpu().eval()
-        nbytes = export_mnq(model, rd.mnq_path, info)
-        if not same_weights(model, load_mnq(rd.mnq_path)):
-            raise MicronetError(f"{rd.mnq_path} does not reproduce the quantized weights (export bug)")
-        scored = evaluate_and_score(rd.name, step, qs.eval_splits, qs.eval_chunk_len, n_cache, qs.device)
-        setup_logging(rd.log_path("quantize"))
-        counted = {c: v["params"] * 4 for c, v in scored["conventions"].items()}  # 32-bit equivalents -> bytes
-        out = {"name": rd.name, "step": step, "parent": parent.name, "parent_step": pstep, "bits": qs.bits,
-               "act_bits": act_bits, "n_act_quantizers": info["n_act_quantizers"], "n_cache": n_cache,
-               "qat_steps": qc.steps, "mnq_bytes": nbytes, "counted_bytes": counted,
-               "mnq_over_counted": {c: nbytes / v for c, v in counted.items() if v},
-               "score": scored["score"], "test_ppl": scored.get("test_ppl")}
-        write_json(rd.quantize_path(step), out)
-    log.info("%s: model.mnq %s bytes; counted storage %s bytes (paper) / %s (strict)", rd.name, f"{nbytes:,}",
-             f"{counted.get('paper', math.nan):,.0f}", f"{counted.get('strict', math.nan):,.0f}")
-    print(f"{rd.name} step {step}: score {out['score']:.6f}, model.mnq {nbytes:,} bytes; results in {rd.path}")
-    return out
-
-
-main = stage_main("quantize", run)
-
-if __name__ == "__main__":
-    from micronet.compress.quantize import main as canonical_main  # its classes, not __main__'s copies (isinstance)
-
-    canonical_main()

@@ -25,8 +25,7 @@ from pathlib import Path, PurePosixPath
 import enlighten
 import numpy as np
 
-from micronet.data.fetch import (DataError, Progress, atomic_path, download, mib_bar, progress_manager,  # noqa: F401
-                            sha256_file)
+from micronet.data.fetch import DataError, Progress, atomic_path, download, mib_bar, progress_manager, sha256_file
 from micronet.runs.paths import PROJECT_ROOT, data_root
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from micronet.data.corpus import corpus as data
-from micronet.runs.config import typed
+from micronet.data import corpus as data
 from micronet.data.corpus import SPLITS, Corpus, DataConfig, DataError, load_corpus
+from micronet.runs.config import typed
 from micronet.runs.paths import CONF_DIR, data_root
 
 DEFAULT_CUTOFFS = (3500, 25000)  # the original 8.3M model's adaptive-softmax bins

@@ -147,3 +147,13 @@ def hydra_error_line(e: BaseException) -> str:
         else:
             parts.append(line.strip())
     return "; ".join(parts) or type(e).__name__
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """Quote numeric pruning schedule names (``prune=0.358`` / ``prune=0.239,0.358``): Hydra would read
+    them as floats, and a config-group choice must be a string (the prune stage's and the pipeline's)."""
+    out = []
+    for a in argv:
+        m = re.fullmatch(r"prune=([\w.]+(?:,[\w.]+)*)", a)  # plain names only (no quotes, brackets, sweeps fns)
+        out.append("prune=" + ",".join(f"'{v}'" for v in m.group(1).split(",")) if m else a)
+    return out

@@ -1,5 +1,6 @@
 """Runs derived from another run (prune, quantize; a distilled student from its teacher): lineage records
-and the closing evaluate + score.
+and the names of derived results directories. (Their closing evaluate + score is
+:func:`micronet.stagekit.score_run.evaluate_and_score`.)
 
 A derived run's ``config.yaml`` and checkpoints carry ``lineage = {stage, parent, parent_step,
 parent_lineage}`` (the parent's own lineage chained in), so a quantized run of a pruned run of a
@@ -9,8 +10,6 @@ trained run can be traced back to its root.
 from __future__ import annotations
 
 import logging
-
-from omegaconf import OmegaConf
 
 from micronet.runs.config import MicronetError
 from micronet.runs.results import CheckpointError, RunDir
@@ -50,14 +49,11 @@ def recorded_parent_step(rd: RunDir, parent: RunDir, step: int | None) -> int | 
     return rec.get("parent_step")
 
 
-def evaluate_and_score(name: str, step: int, splits: list[str], chunk_len: int, n_cache: int = 0,
-                       device: str = "auto") -> dict:
-    """Evaluate ``splits`` (eval_step<S>.json) then score (score_step<S>.json) a finished run."""
-    from micronet.stagekit import evaluation as evaluate
-    from micronet.scoring import counts as score
+def pruned_name(schedule: str, parent: str) -> str:
+    """Results name of ``parent`` pruned with schedule ``schedule`` (the prune stage's, and the pipeline's)."""
+    return f"prune{schedule}_{parent}"
 
-    if splits:
-        evaluate.run(OmegaConf.create({"name": name, "step": step, "splits": list(splits), "chunk_len": chunk_len,
-                                       "device": device, "n_cache": n_cache}))
-    return score.run(OmegaConf.create({"name": name, "step": step, "convention": "paper", "n_cache": n_cache,
-                                       "bits": None, "free_16bit": False}))
+
+def quantized_name(parent: str, step: int, n_cache: int, bits: int) -> str:
+    """Results name of step ``step`` of ``parent`` quantized to ``bits`` (the quantize stage's, and the pipeline's)."""
+    return f"quantize_{parent}_step{int(step)}_cache{int(n_cache)}_bits{int(bits)}"

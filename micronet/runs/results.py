@@ -360,6 +360,11 @@ class RunDir:
         return raw or {}
 
 
+def searched_caches(run: RunDir, step: int) -> list[int]:
+    """Cache sizes searched for ``step`` of ``run`` (its ``cache_step<S>_n<N>.yaml`` files), ascending."""
+    return sorted(int(p.stem.rsplit("_n", 1)[1]) for p in run.path.glob(f"cache_step{int(step)}_n*.yaml"))
+
+
 def _read_guard(path: Path) -> dict:
     try:
         text = path.read_text()

@@ -12,9 +12,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from micronet.runs.config import ConfigError, typed
 from micronet.data.corpus import Corpus
 from micronet.model.transformer import ModelConfig
+from micronet.runs.config import ConfigError, typed
 
 
 @dataclass

@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from micronet.data.corpus import Corpus
 from micronet.model.adaptive import AdaptiveLogSoftmax
 from micronet.runs.config import typed
-from micronet.data.corpus import Corpus
 from micronet.runs.results import RunDir
 from micronet.training.soft_labels import (IDS_DTYPE, PROBS_DTYPE, RowFile, SoftLabelError, check_data, read_manifest,
-                                    soft_label_dir)
+                                           soft_label_dir)
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,7 @@
-"""Soft-labels stage: a teacher's top-k next-word distribution for every training token.
+"""Soft labels: a teacher's top-k next-word distribution for every training token, on disk.
 
-    python -m micronet.soft_labels name=<teacher> [topk=30] [step=S]
-
-The teacher runs over the train split exactly like :func:`micronet.evaluate.evaluate_stream`:
+:func:`generate_soft_labels` writes them (the soft-labels stage, :mod:`micronet.soft_labels`);
+:mod:`micronet.training.distill` reads them. The teacher runs over the train split exactly like :func:`micronet.evaluate.evaluate_stream`:
 batch 1, online, keys/values carried (detached) from chunk to chunk, no cache. (The original
 dropped the memory between chunks, so every chunk started blind; ours carries it.)
 
@@ -34,19 +33,16 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
-from micronet.runs.cli import StopSignals, setup_logging, stage_main
-from micronet.runs.config import ConfigError, MicronetError, typed
-from micronet.data.corpus import Corpus, DataConfig, load_corpus
-from micronet.stagekit.evaluation import load_model, pick_device
+from micronet.data.corpus import Corpus
 from micronet.model.transformer import Memory
+from micronet.runs.cli import StopSignals
+from micronet.runs.config import ConfigError, MicronetError
 from micronet.runs.progress import bar
 from micronet.runs.results import RunDir, atomic_write_bytes, code_version, write_error, write_json
 
@@ -61,28 +57,6 @@ _DATA_KEYS = ("train_sha256", "train_tokens", "vocab_size", "vocab_sha256")  # m
 
 class SoftLabelError(MicronetError):
     """Soft labels are missing, incomplete, damaged or do not fit the data/run asking for them."""
-
-
-@dataclass
-class SoftLabelConfig:
-    """Settings of the soft-labels stage."""
-
-    name: str = "???"  # the teacher run
-    step: int | None = None  # teacher checkpoint; None = newest
-    topk: int = 30
-    chunk_len: int = 4032  # tokens per teacher forward pass; memory is carried between chunks
-    block_tokens: int = 65536  # flush + record progress about this often (rounded to whole chunks)
-    row_block: int = 0  # rows per full-softmax block for top-k; 0 = about 8 MB of fp32 log-probs
-    device: str = "auto"
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
-    stop_after_blocks: int = 0  # stop cleanly after this many blocks in this invocation; 0 = run to the end
-
-    def validate(self) -> None:
-        for k in ("topk", "chunk_len", "block_tokens"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"soft_labels.{k} must be a positive integer, got {getattr(self, k)}")
-        if self.row_block < 0 or self.stop_after_blocks < 0 or self.threads < 0:
-            raise ValueError("soft_labels.row_block, stop_after_blocks and threads must be >= 0")
 
 
 def data_fingerprint(corpus: Corpus) -> dict:
@@ -320,35 +294,3 @@ def _checkpoint(out_dir: Path, manifest: dict, ids: RowFile, probs: RowFile, row
 def _hms(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def run(cfg: DictConfig) -> dict:
-    """Generate (or resume) the soft labels of a teacher run; returns the manifest."""
-    scfg = typed(SoftLabelConfig, cfg, "soft_labels")
-    rd = RunDir(scfg.name).require()
-    with rd.guard("soft_labels"):
-        setup_logging(rd.log_path("soft_labels"))
-        if scfg.threads:
-            torch.set_num_threads(scfg.threads)
-        device = pick_device(scfg.device)
-        model, ckpt = load_model(rd, scfg.step, device)
-        corpus = load_corpus(typed(DataConfig, ckpt["data_config"], "data"))
-        if corpus.vocab_size != model.cfg.vocab_size:
-            raise SoftLabelError(f"data vocab {corpus.vocab_size} != teacher vocab {model.cfg.vocab_size}")
-        step = int(ckpt["step"])
-        out_dir = soft_label_dir(rd, scfg.topk, step)
-        meta = {"teacher": rd.name, "step": step, "data": data_fingerprint(corpus)}
-        t0 = time.perf_counter()
-        manifest = generate_soft_labels(model, corpus.train, out_dir, scfg.topk, meta, scfg.chunk_len,
-                                        scfg.block_tokens, scfg.row_block, device, scfg.stop_after_blocks)
-        log.info("%s: %d of %d rows done in %.0f s", out_dir, manifest["rows_done"], manifest["tokens"],
-                 time.perf_counter() - t0)
-    state = "complete" if manifest["complete"] else f"{manifest['rows_done']} of {manifest['tokens']} rows"
-    print(f"soft labels of {rd.name} step {step} (top {scfg.topk}): {state}; in {out_dir}")
-    return manifest
-
-
-main = stage_main("soft_labels", run)
-
-if __name__ == "__main__":
-    main()

@@ -1,15 +1,14 @@
-"""Train stage: the core language model.
+"""The training loop: :class:`Trainer` holds the model, optimizer and RNG state of one run.
 
-    python -m micronet.train [experiment=<name>] [overrides]
-
-Adam with linear warmup then cosine decay to 0, grad-norm clipping, random-start chunks,
-periodic validation, checkpoints in ``results/<name>/models/``. Re-running the same command
-resumes from the newest checkpoint and continues bit-for-bit.
+Adam with linear warmup then cosine decay, grad-norm clipping, random-start chunks, periodic
+validation, checkpoints in ``results/<name>/models/``; a resumed run continues bit-for-bit. The train
+stage (:mod:`micronet.train`) drives it; so do prune (masks as a step hook) and quantization-aware
+training (:mod:`micronet.quantize`). Distillation (:mod:`micronet.training.distill`) plugs into the
+loss, torchrun through :mod:`micronet.training.distributed`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import signal
@@ -18,36 +17,23 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from micronet.training import distributed
+from micronet.data.batches import sample_batch
+from micronet.data.corpus import Corpus, DataConfig
 from micronet.model.cache import CacheConfig, EvalCache, attach_cache
-from micronet.runs.cli import StopSignals, setup_logging, stage_main
-from micronet.runs.config import ConfigError, MicronetError, as_dict, typed
-from micronet.data.corpus import Corpus, DataConfig, load_corpus
-from micronet.runs.lineage import lineage
-from micronet.training.distill import Distiller, build_distiller
-from micronet.stagekit.evaluation import evaluate_stream, pick_device
+from micronet.model.evaluation import evaluate_stream
 from micronet.model.hebbian import HebbianConfig, HebbianSoftmax
-from micronet.model.transformer import ModelConfig, TransformerLM, count_parameters
+from micronet.model.transformer import ModelConfig, TransformerLM
+from micronet.runs.cli import StopSignals
+from micronet.runs.config import ConfigError, MicronetError, as_dict
+from micronet.runs.device import pick_device
 from micronet.runs.progress import bar
-from micronet.runs.results import (CheckpointError, RunDir, append_csv_row, atomic_write_text, code_version,
-                              truncate_csv)
-from micronet.training.config import OptimConfig, TrainConfig, build_model_config, lr_at, same_model
+from micronet.runs.results import CheckpointError, RunDir, append_csv_row, code_version, truncate_csv
+from micronet.training import distributed
+from micronet.training.config import OptimConfig, TrainConfig, lr_at, same_model
+from micronet.training.distill import Distiller
 
 log = logging.getLogger(__name__)
-
-
-def sample_batch(data: np.ndarray, batch_size: int, chunk_len: int,
-                 rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """``batch_size`` chunks at random starts: inputs and next-token targets, each (B, chunk_len),
-    and the start offsets (B,) (target ``y[b, t]`` is token ``starts[b] + 1 + t`` of the split)."""
-    if len(data) <= chunk_len + 1:
-        raise ConfigError(f"train split has {len(data)} tokens, fewer than chunk_len + 1 = {chunk_len + 1}")
-    starts = rng.integers(0, len(data) - chunk_len - 1, size=batch_size)
-    rows = np.stack([data[s : s + chunk_len + 1] for s in starts]).astype(np.int64)  # (B, chunk_len + 1)
-    t = torch.from_numpy(rows)
-    return t[:, :-1], t[:, 1:], starts
 
 
 class _ValidationAborted(Exception):
@@ -305,53 +291,3 @@ class Trainer:
         log.info("step %d: train loss %.4f, val loss %.4f, val ppl %.2f, %.0f tok/s",
                  self.step, row["train_loss"], val, row["val_ppl"], tok_s)
         return row
-
-
-def run(cfg: DictConfig) -> dict:
-    """Train (or resume) ``results/<cfg.name>``; returns the final validation row."""
-    train_cfg = typed(TrainConfig, cfg.train, "train")
-    optim_cfg = typed(OptimConfig, cfg.optim, "optim")
-    data_cfg = typed(DataConfig, cfg.data, "data")
-    cache_cfg = typed(CacheConfig, cfg.get("cache"), "cache")
-    hebbian_cfg = typed(HebbianConfig, cfg.get("hebbian"), "hebbian")
-    rd = RunDir(cfg.name)
-    # torchrun: join the process group; rank 0 alone holds the guard and writes results/<name>.
-    distributed.check_batch(train_cfg.batch_size, distributed.env_world_size())  # before joining or writing
-    with distributed.process_group(pick_device(train_cfg.device)), contextlib.ExitStack() as held:
-        distributed.on_main(lambda: held.enter_context(rd.guard("train")))
-        writer = distributed.is_main()
-        setup_logging(rd.log_path("train") if writer else None)
-        logging.getLogger().setLevel(logging.INFO if writer else logging.WARNING)  # rank 0 reports progress
-        if train_cfg.threads:
-            torch.set_num_threads(train_cfg.threads)
-        # Rank 0 first: it may build the data cache, which the others then read.
-        corpus = distributed.on_main(lambda: load_corpus(data_cfg)) or load_corpus(data_cfg)
-        model_cfg = build_model_config(cfg.model, corpus)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        trainer = Trainer(rd, train_cfg, optim_cfg, model_cfg, data_cfg, corpus, resolved,
-                          cache_cfg=cache_cfg, hebbian_cfg=hebbian_cfg)
-        trainer.distill = build_distiller(cfg.get("distill"), corpus)
-        if trainer.distill is not None:  # the teacher is a distilled student's parent (lineage, runs table)
-            resolved["lineage"] = lineage("distill", RunDir(trainer.distill.cfg.teacher),
-                                          int(trainer.distill.labels.manifest["step"]))
-        resumed = trainer.resume()  # every rank loads the same newest checkpoint
-        resolved["code"] = code_version()
-        distributed.on_main(lambda: (truncate_csv(rd, trainer.step),
-                                     atomic_write_text(rd.config_path, OmegaConf.to_yaml(resolved))))
-        if not resumed:
-            log.info("training results/%s: %s parameters, %s train tokens, vocab %d", rd.name,
-                     f"{count_parameters(trainer.model):,}", f"{len(corpus.train):,}", corpus.vocab_size)
-        try:
-            last = trainer.train()
-        finally:  # drop the DDP wrapper: process_group frees it before destroying the group
-            trainer.objective = distributed.unwrap(trainer.objective)
-    if writer:
-        print(f"validation perplexity {last['val_ppl']:.2f} at step {last['step']}; results in {rd.path}" if last
-              else f"stopped at step {trainer.step}; results in {rd.path}")
-    return last
-
-
-main = stage_main("train", run)
-
-if __name__ == "__main__":
-    main()
