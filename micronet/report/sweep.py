@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from micronet.report.runs import CONVENTIONS, _figure_axes
+from micronet.report.plots import figure_axes
+from micronet.report.runs import CONVENTIONS
 
 _PRUNED = re.compile(r"^prune(?P<s>[0-9.]+)_")
 
@@ -55,7 +56,7 @@ def plot_sweep(rows: Sequence[Mapping], ax: Axes | None = None, convention: str 
     A 32-bit point is kept only when its evaluation cache matches its quantized siblings', so a line
     compares like with like.
     """
-    fig, ax = _figure_axes(ax)
+    fig, ax = figure_axes(ax)
     lines = sweep_points(rows, convention)
     for label, pts in lines.items():
         caches = {p["n_cache"] for p in pts if p["bits"] < 32}

@@ -13,7 +13,7 @@ Usage::
 
 A :class:`ModelCounts` says what to count (architecture + per-tensor nonzeros and densities), built
 from a config and target densities or measured on a live model. :func:`build_ops` lists the ops one
-test token costs; :func:`micronet.score_rules.count` applies a convention's rule table ("paper" =
+test token costs; :func:`micronet.scoring.count.count` applies a convention's rule table ("paper" =
 the original entry's accounting, "strict" = the official rules applied fully; see
 :mod:`micronet.scoring.rules`). The pruning targets of the original live in :mod:`micronet.compress.schedules`.
 """
@@ -31,34 +31,16 @@ import torch
 from torch import nn
 
 from micronet.model.transformer import ModelConfig, TransformerLM
-from micronet.scoring.rules import (
-    CONVENTIONS,
-    FC,
-    OPS_BASELINE,
-    PARAMS_BASELINE,
-    RULES,
-    ActQuantizers,
-    Cache,
-    Dots,
-    LayerNorm,
-    Op,
-    ReLU,
-    Residual,
-    Row,
-    Rules,
-    Score,
-    Settings,
-    Softmax,
-    TensorCount,
-    count,
-    tensor_storage,
-)
+from micronet.scoring.count import count, tensor_storage
+from micronet.scoring.rules import (CONVENTIONS, FC, OPS_BASELINE, PARAMS_BASELINE, RULES, ActQuantizers, Cache, Dots,
+                                    LayerNorm, Op, ReLU, Residual, Row, Rules, Score, Settings, Softmax, TensorCount,
+                                    group_rows)
 
 __all__ = [
     "CONVENTIONS", "FC", "OPS_BASELINE", "PARAMS_BASELINE", "RULES", "ActQuantizers", "Cache", "Dots",
     "LayerNorm", "ModelCounts", "Op", "ReLU", "Residual", "Row", "Rules", "Score", "Settings", "Softmax",
     "TensorCount", "WT103_TEST_BIN_COUNTS", "WT103_TEST_BIN_FRACTIONS", "attention_ops", "bin_fractions",
-    "build_ops", "count", "default_act_quantizers", "render_table", "score", "score_config", "score_model", "tensor_storage",
+    "build_ops", "count", "default_act_quantizers", "group_rows", "render_table", "score", "score_config", "score_model", "tensor_storage",
 ]
 
 WT103_TEST_BIN_COUNTS = (198232, 35479, 11858)
@@ -330,21 +312,9 @@ def bin_fractions(tokens, cutoffs: Sequence[int], vocab_size: int | None = None)
     return tuple(float(c) / arr.size for c in counts)
 
 
-def _group(rows: Sequence[Row]) -> list[Row]:
-    """Merge ``layers.<L>.<x>`` rows into ``layers.*.<x>`` (sums over layers)."""
-    out: dict[str, Row] = {}
-    for r in rows:
-        parts = r.component.split(".")
-        key = ".".join(["layers", "*", *parts[2:]]) if parts[0] == "layers" and parts[1].isdigit() else r.component
-        g = out.setdefault(key, Row(key))
-        for f in ("params", "muls", "mul_ops", "adds", "others"):
-            setattr(g, f, getattr(g, f) + getattr(r, f))
-    return list(out.values())
-
-
 def render_table(s: Score, *, group_layers: bool = False) -> str:
     """The per-component breakdown as a fixed-width text table, totals last."""
-    rows = _group(s.rows) if group_layers else list(s.rows)
+    rows = group_rows(s.rows) if group_layers else list(s.rows)
     st = s.settings
     head = (f"MicroNet score ({s.convention}): bits {st.bits}, act_bits {st.act_bits}, cache {st.n_cache}"
             f"{', 16-bit freebie' if st.free_16bit else ''}")
@@ -357,83 +327,3 @@ def render_table(s: Score, *, group_layers: bool = False) -> str:
         lines.append(fmt.format(r.component, *(f"{v:,.2f}" for v in (r.params, r.muls, r.mul_ops, r.adds, r.others, r.ops))))
     lines.append(f"score = {s.params:,.2f} / 159e6 + {s.ops:,.2f} / 318e6 = {s.score:.6f}")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- the stage
-
-
-@dataclass
-class ScoreConfig:
-    """``python -m micronet.score name=<run> [step=S] [convention=paper|strict] [n_cache=N]``."""
-
-    name: str = "???"
-    step: int | None = None  # None: newest checkpoint
-    convention: str = "paper"
-    n_cache: int | None = None  # None: the largest searched cache of that step (cache_step<S>_n<N>.yaml), else 0
-    bits: int | None = None  # None: from the checkpoint (quantized runs), else 32
-    free_16bit: bool = False
-
-
-def run(cfg) -> dict:
-    """Score a run's checkpoint under both conventions; writes ``score_step<S>.json``."""
-    import json
-    import logging
-
-    from micronet.runs.cli import setup_logging
-    from micronet.runs.config import ConfigError, typed
-    from micronet.data.corpus import DataConfig, load_corpus
-    from micronet.stagekit.evaluation import load_model
-    from micronet.runs.results import RunDir, write_json
-
-    scfg = typed(ScoreConfig, cfg, "score")
-    if scfg.convention not in CONVENTIONS:
-        raise ConfigError(f"convention must be one of {sorted(CONVENTIONS)}, got {scfg.convention!r}")
-    rd = RunDir(scfg.name).require()
-    setup_logging(rd.log_path("score"))
-    model, ckpt = load_model(rd, scfg.step)
-    step = int(ckpt["step"])
-    quant = ckpt.get("quant") or {}
-    bits = scfg.bits if scfg.bits is not None else int(quant.get("bits", 32))
-    act_bits = int(quant.get("act_bits", bits))
-    n_cache = scfg.n_cache
-    if n_cache is None:
-        searched = sorted(int(p.stem.rsplit("_n", 1)[1]) for p in rd.path.glob(f"cache_step{step}_n*.yaml"))
-        n_cache = searched[-1] if searched else 0
-    test = load_corpus(DataConfig(**ckpt["data_config"]), progress=False).test
-    fractions = bin_fractions(test, model.cfg.cutoffs, model.cfg.vocab_size)
-    results = {}
-    for conv in (scfg.convention, *(c for c in sorted(CONVENTIONS) if c != scfg.convention)):
-        try:
-            s = score_model(model, bits=bits, act_bits=act_bits, n_act_quantizers=quant.get("n_act_quantizers"),
-                            n_cache=n_cache, bin_fractions=fractions, convention=conv, free_16bit=scfg.free_16bit,
-                            table_scales=quant.get("table_scales", "row"))
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        results[conv] = s
-    main_score = results[scfg.convention]
-    print(render_table(main_score, group_layers=True))
-    test_ppl = None
-    eval_path = rd.eval_path(step, n_cache)  # one file per evaluation cache size
-    if eval_path.exists():
-        ev = json.loads(eval_path.read_text())
-        # the cache an evaluation used is recorded per split (older files: at the top level)
-        if "test" in ev and int((ev["test"].get("cache") or ev).get("n_cache", 0)) == n_cache:
-            test_ppl = ev["test"]["ppl"]
-    out = {"name": rd.name, "step": step, "test_ppl": test_ppl, **main_score.to_json(),
-           "conventions": {c: {k: v for k, v in s.to_json().items() if k != "components"} for c, s in results.items()}}
-    write_json(rd.score_path(step), out)
-    logging.getLogger(__name__).info("%s step %d: score %.6f (%s), params %.1f, ops %.1f, test ppl %s",
-                                     rd.name, step, main_score.score, scfg.convention, main_score.params,
-                                     main_score.ops, test_ppl)
-    return out
-
-
-def main() -> None:
-    """Entry point of ``python -m micronet.score``."""
-    from micronet.runs.cli import stage_main
-
-    stage_main("score", run)()
-
-
-if __name__ == "__main__":
-    main()
