@@ -3,26 +3,14 @@
     python -m micronet.quantize name=<run> bits=<b> [act_bits=<a>] [n_cache=N] [step=S] [quant.steps=K]
     python -m micronet.quantize -m name=<run> bits=8,9,10
 
-Creates ``results/quantize_<name>_step<S>_cache<N>_bits<b>/`` (spec section 6):
-
-* weights: ``2^(b-1) - 1`` levels each side, zero point 0; Linear weights per output channel, the tied
-  tables and every bias per tensor (``torch.nn.utils.parametrize`` + ``torch.fake_quantize_*``, a
-  straight-through estimator). Scales are ``max|w| / (2^(b-1) - 1)`` rounded *up* to 32 - b leading
-  bits (the low min(b, 23) mantissa bits zero): never clips, and code x scale is exact in fp32.
-* activations: a per-tensor ``torch.ao.quantization.FakeQuantize`` with EMA (0.999) min/max at 7 points
-  per layer (LN1 out, qkv out, attention probabilities, attn.V, LN2 out, ReLU out, FFN out) plus the
-  final hidden state; they observe only in training mode. Not quantized: position tables, LayerNorms,
-  tail projections' outputs, logits, cache maths.
-* pruning masks (zeros of a pruned parent) are kept as :class:`micronet.compress.prune.Mask` parametrizations
-  under the quantizer, so pruned weights stay exactly 0.
-
+Creates ``results/quantize_<name>_step<S>_cache<N>_bits<b>/`` (spec section 6) with the fake quantizers
+of :mod:`micronet.compress.quantize` (pruning masks of a pruned parent kept under them).
 ``quant.steps <= 1``: calibration (the original's single step): a few training batches in forward mode
 set the activation ranges. ``quant.steps > 1``: QAT through :class:`~micronet.training.trainer.Trainer`.
 The checkpoint holds the parametrized state (full-precision originals, masks, quantizer buffers) and
-``ckpt["quant"]``, from which :func:`~micronet.compress.quantize.prepare_from_checkpoint` (called by
-:func:`~micronet.compress.checkpoint.load_model`)
-rebuilds the structure. The job copies the parent's searched cache parameters, evaluates, writes the
-packed export ``model.mnq`` (:mod:`micronet.compress.export`, verified by reloading), scores, and writes
+``ckpt["quant"]``, from which :func:`~micronet.compress.checkpoint.load_model` rebuilds the structure.
+The job copies the parent's searched cache parameters, evaluates, writes the packed export
+``model.mnq`` (:mod:`micronet.compress.export`, verified by reloading), scores, and writes
 ``quantize_step<S>.json`` (export size next to the counted storage).
 """
 

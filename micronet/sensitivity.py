@@ -3,16 +3,11 @@
     python -m micronet.sensitivity name=<trained run> target=<s> [step=S] [val_tokens=N]
     python -m micronet.prune name=<trained run> prune=sensitivity prune.target=<s>
 
-For every prunable tensor (:func:`micronet.compress.prune.prunable_names`) and every sparsity of ``sparsities``,
-the tensor alone is magnitude-pruned one-shot and the validation loss measured on the first
-``val_tokens`` tokens (batch 1, online). The curves are cached in
-``results/<name>/sensitivity_step<S>_curves.json`` (reused for other targets).
-
-Allocation: a tensor's final sparsity is the largest s whose loss increase stays within a common
-threshold delta (curves linear between grid points, made non-decreasing); delta is bisected so
-that sum_t s_t numel_t = target x counted parameters (the scorer's ``counted_numel``: everything but
-LayerNorms, tied tables once). Initial sparsities are ``initial_fraction`` x final. Writes
-``sensitivity_<target>.yaml`` (the schedule ``prune=sensitivity`` reads) and ``sensitivity_<target>.png``.
+Measures (or reuses, from ``results/<name>/sensitivity_step<S>_curves.json``) the one-shot pruning
+curve of every prunable tensor on the first ``val_tokens`` validation tokens, allocates final
+sparsities for ``target`` x the scorer's counted parameters, and writes ``sensitivity_<target>.yaml``
+(the schedule ``prune=sensitivity`` reads) and ``sensitivity_<target>.png``. The method is
+:mod:`micronet.compress.sensitivity`.
 """
 
 from __future__ import annotations

@@ -2,26 +2,10 @@
 
     python -m micronet.soft_labels name=<teacher> [topk=30] [step=S]
 
-The teacher runs over the train split exactly like :func:`micronet.model.evaluation.evaluate_stream`:
-batch 1, online, keys/values carried (detached) from chunk to chunk, no cache. (The original
-dropped the memory between chunks, so every chunk started blind; ours carries it.)
-
-Layout, ``results/<teacher>/soft_labels/top<k>_step<S>/``:
-
-* ``ids.npy``    (N, k) int32    word ids, most probable first
-* ``probs.npy``  (N, k) float16  their probabilities under the full distribution (not renormalised)
-* ``manifest.json``  teacher, step, k, N, data fingerprint, ``rows_done``, ``complete``
-* ``state.pt``   carried memory at ``rows_done`` (only while incomplete; enables exact resume)
-
-N is the number of train tokens and **row r belongs to train token r**: it holds
-top-k of p(. | tokens < r). Row 0 has no context at all, so it is stored as ids 0 and probs 0;
-its probabilities sum to 0 and the distillation loss skips such rows (training never reads it
-anyway: targets start at token 1). 6 bytes per entry, 180 bytes per token at k = 30.
-
-Resume: arrays are flushed every ``block_tokens`` (and on SIGINT/SIGTERM) at a chunk boundary,
-then the carried memory is saved, then the manifest. A restart continues from ``rows_done``
-with that memory on the same chunk grid, so the files equal those of an uninterrupted run
-bit for bit (re-running the preceding tokens would only match up to rounding).
+Writes (or resumes, bit for bit) ``results/<teacher>/soft_labels/top<k>_step<S>/``: the teacher runs
+over the train split batch 1, online, memory carried, and row r holds the top-k of p(. | tokens < r).
+The format, resume protocol and writer are :mod:`micronet.training.soft_labels`; distillation
+(:mod:`micronet.training.distill`) reads them.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from numbers import Integral
-from typing import Literal, Mapping, Sequence, Union
+from typing import Literal, Sequence, Union
 
 PARAMS_BASELINE = 159e6
 OPS_BASELINE = 318e6
