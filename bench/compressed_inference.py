@@ -8,7 +8,7 @@ quantize stage's evaluation path), ``fast_fp32`` and ``fast_int8`` (micronet.fas
 same file, default settings), and two controls that split the fast path's gain: ``dense_seg32`` (the dense model
 with the fast path's attention block length alone) and ``fast_int8_seg96`` (int8 with the model's own blocks).
 
-* Speed: batch-1 online evaluation (micronet.evaluate.evaluate_stream, memory carried, chunk 4032), without
+* Speed: batch-1 online evaluation (micronet.model.evaluation.evaluate_stream, memory carried, chunk 4032), without
   and with the evaluation cache (n 2000, each run's searched lambda/theta), on the first ``--tokens`` tokens of
   the WikiText-2 valid split. All models live in this process and are timed in interleaved rounds (each
   variant once per round) so a busy machine slows them alike; best and median tokens/s are reported, per

@@ -105,7 +105,7 @@ def _cache_config(model: nn.Module) -> dict:
 
 
 def export_mnq(model: TransformerLM, path: Path, quant: dict) -> int:
-    """Write ``model`` (prepared by :func:`micronet.quantize.prepare`) to ``path``; returns its size in bytes."""
+    """Write ``model`` (prepared by :func:`micronet.compress.quantize.prepare`) to ``path``; returns its size in bytes."""
     bits = int(quant["bits"])
     L = levels(bits)
     qnames = quantized_weights(model)

@@ -30,7 +30,7 @@ from micronet.data.batches import sample_batch
 from micronet.model.transformer import TransformerLM
 from micronet.runs.config import ConfigError
 
-TABLE_SCALES = "tensor"  # the tied tables have one scale each (micronet.score's table_scales)
+TABLE_SCALES = "tensor"  # the tied tables have one scale each (micronet.scoring.counts' table_scales)
 
 
 def levels(bits: int) -> int:

@@ -3,7 +3,7 @@
 The sensitivity stage (:mod:`micronet.sensitivity`) measures and writes them; ``prune=sensitivity``
 reads the schedule.
 
-For every prunable tensor (:func:`micronet.prune.prunable_names`) and every sparsity of ``sparsities``,
+For every prunable tensor (:func:`micronet.compress.prune.prunable_names`) and every sparsity of ``sparsities``,
 the tensor alone is magnitude-pruned one-shot and the validation loss measured on the first
 ``val_tokens`` tokens (batch 1, online). The curves are cached in
 ``results/<name>/sensitivity_step<S>_curves.json`` (reused for other targets).

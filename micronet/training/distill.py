@@ -93,7 +93,7 @@ class SoftLabels:
         """Rows ``s + 1 .. s + length`` for each start ``s``: ids (B, length, k) int32, probs float16.
 
         These are the teacher's distributions for the targets ``y[b]`` of a batch drawn by
-        :func:`micronet.train.sample_batch` with the same ``starts``.
+        :func:`micronet.data.batches.sample_batch` with the same ``starts``.
         """
         starts = np.asarray(starts, dtype=np.int64)
         if starts.size and (starts.min() < 0 or starts.max() + 1 + length > self.tokens):

@@ -1,7 +1,8 @@
 """Soft labels: a teacher's top-k next-word distribution for every training token, on disk.
 
 :func:`generate_soft_labels` writes them (the soft-labels stage, :mod:`micronet.soft_labels`);
-:mod:`micronet.training.distill` reads them. The teacher runs over the train split exactly like :func:`micronet.evaluate.evaluate_stream`:
+:mod:`micronet.training.distill` reads them. The teacher runs over the train split exactly like
+:func:`micronet.model.evaluation.evaluate_stream`:
 batch 1, online, keys/values carried (detached) from chunk to chunk, no cache. (The original
 dropped the memory between chunks, so every chunk started blind; ours carries it.)
 
