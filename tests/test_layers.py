@@ -9,6 +9,7 @@ and a module over 400 lines.
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,14 @@ def test_every_module_has_a_layer():
     unknown = [m for m in MODULES if layer(m) == "unknown"]
     assert not unknown, (f"modules in no layer: {unknown}; a stage goes in STAGES (micronet/<stage>.py), library "
                          f"code into a subpackage of {sorted(MAY_IMPORT)} (see docs/architecture.md)")
+
+
+@pytest.mark.parametrize("pkg", sorted(PACKAGES))
+def test_packages_import_and_reexport_what_they_list(pkg):
+    """Every subpackage imports, and every name its ``__all__`` lists exists (stale re-exports fail here)."""
+    mod = importlib.import_module(pkg)
+    missing = [n for n in getattr(mod, "__all__", []) if not hasattr(mod, n)]
+    assert not missing, f"{pkg}.__all__ lists names it does not have: {missing}"
 
 
 def test_imports_resolve():
