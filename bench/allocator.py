@@ -8,7 +8,7 @@ the order of the variants every round so that a change in the machine's load hit
 
 * ``default``: glibc's default malloc (``MICRONET_MALLOPT=0``, no ``GLIBC_TUNABLES``);
 * ``tunables``: ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736``;
-* ``mallopt``: no variable; the stage calls ``mallopt`` itself at start-up (:mod:`micronet.allocator`).
+* ``mallopt``: no variable; the stage calls ``mallopt`` itself at start-up (:mod:`micronet.runs.allocator`).
 
 ``--concurrent`` starts the variants of a round at the same time instead (a machine so loaded that
 one run takes minutes then gives each the same conditions; ``--threads 1`` keeps them from

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from micronet.band_attention import skew
-from micronet.dropout import dropout
-from micronet.model import WindowAttention
+from micronet.model.band_attention import skew
+from micronet.model.dropout import dropout
+from micronet.model.transformer import WindowAttention
 
 sys.path.insert(0, str(Path(__file__).parent))
 from throughput import CASES, model_config  # noqa: E402  (the same shapes as the throughput bench)

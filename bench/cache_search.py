@@ -3,7 +3,7 @@
     python bench/cache_search.py [--name wt2_8.3M] [--tokens 0] [--n-cache 2000] [--threads 0] [--out FILE]
 
 A candidate of the search is scored from hidden states and model log-probs computed once
-(``micronet.cache_search.CacheObjective``); the alternative is re-running the network with
+(``micronet.model.cache_search.CacheObjective``); the alternative is re-running the network with
 ``evaluate_stream(..., cache=EvalCache(n, lambda, theta))`` per candidate. Both are timed in one
 process on the same tokens (the first ``--tokens`` of WikiText-2 validation, 0 = all), and the
 perplexities of both ways are compared at every timed candidate. Needs a trained run (default
@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
-from micronet.cache import EvalCache
-from micronet.cache_search import CacheObjective, hidden_states
-from micronet.data import DataConfig, load_corpus
-from micronet.evaluate import evaluate_stream, load_model
-from micronet.model import ModelConfig, TransformerLM
-from micronet.results import RunDir
+from micronet.compress.checkpoint import load_model
+from micronet.data.corpus import DataConfig, load_corpus
+from micronet.model.cache import EvalCache
+from micronet.model.cache_search import CacheObjective, hidden_states
+from micronet.model.evaluation import evaluate_stream
+from micronet.model.transformer import ModelConfig, TransformerLM
+from micronet.runs.results import RunDir
 
 
 def main() -> None:

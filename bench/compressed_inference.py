@@ -5,13 +5,13 @@
 Variants (WikiText-2 lineage): ``dense`` (the fp32 parent's parent, wt2_8.3M step 1000, as the project evaluates
 it; ``--dense copy``: a dense fp32 TransformerLM holding the quantized model's weights, the same architecture and
 work, for a checkout without that checkpoint), ``pruned`` (fp32, prune0.358_wt2_8.3M step 300), ``fake_quant``
-(the quantize run's packed export, packed.safetensors or a legacy model.mnq, via micronet.export.load_export: the
-quantize stage's evaluation path), ``fast_fp32`` and ``fast_int8`` (micronet.fast_infer.build_fast_model of the
+(the quantize run's packed export, packed.safetensors or a legacy model.mnq, via micronet.compress.checkpoint.load_export: the
+quantize stage's evaluation path), ``fast_fp32`` and ``fast_int8`` (micronet.compress.fast_infer.build_fast_model of the
 same file, default settings: torch.int8 codes, torch._int_mm), and two controls that split the fast path's gain:
 ``dense_seg32`` (the dense model with the fast path's attention block length alone) and ``fast_int8_seg96`` (int8
 with the model's own blocks).
 
-* Speed: batch-1 online evaluation (micronet.evaluate.evaluate_stream, memory carried, chunk 4032), without
+* Speed: batch-1 online evaluation (micronet.model.evaluation.evaluate_stream, memory carried, chunk 4032), without
   and with the evaluation cache (n 2000, each run's searched lambda/theta), on the first ``--tokens`` tokens of
   the WikiText-2 valid split. All models live in this process and are timed in interleaved rounds (each
   variant once per round) so a busy machine slows them alike; best and median tokens/s are reported, per
@@ -22,7 +22,7 @@ with the model's own blocks).
 * Memory: each variant in its own subprocess (``--rss-child``): VmRSS after imports and data, VmHWM while
   building the model, VmRSS with the model built (after gc + malloc_trim), then VmHWM of one cached
   evaluation of the slice (peak reset through /proc/self/clear_refs before it).
-* The machine: torch version, threads, fp32 GEMM and int8 Linear (micronet.fast_infer.Int8Linear, quantizing
+* The machine: torch version, threads, fp32 GEMM and int8 Linear (micronet.compress.fast_infer.Int8Linear, quantizing
   its input per call) rates before and after.
 """
 
@@ -44,12 +44,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from micronet.cache import eval_cache_for
-from micronet.data import DataConfig, load_corpus
-from micronet.evaluate import evaluate_stream, load_model
-from micronet.export import load_export
-from micronet.fast_infer import DEFAULT_SEGMENT_LEN, build_fast_model, int8_linear, plain_copy
-from micronet.results import RunDir
+from micronet.model.cache import eval_cache_for
+from micronet.data.corpus import DataConfig, load_corpus
+from micronet.compress.checkpoint import load_model
+from micronet.model.evaluation import evaluate_stream
+from micronet.compress.export import load_export
+from micronet.compress.fast_infer import DEFAULT_SEGMENT_LEN, build_fast_model, int8_linear, plain_copy
+from micronet.runs.results import RunDir
 
 VARIANTS = ("dense", "dense_seg32", "pruned", "fake_quant", "fast_fp32", "fast_int8_seg96", "fast_int8")
 QUANT_RUN = "quantize_prune0.358_wt2_8.3M_step300_cache2000_bits9"

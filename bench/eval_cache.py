@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from micronet.cache import DEFAULT_LAMBDA, DEFAULT_THETA, EvalCache
-from micronet.evaluate import evaluate_stream
-from micronet.model import ModelConfig, TransformerLM
-from micronet.paths import CONF_DIR
+from micronet.model.cache import DEFAULT_LAMBDA, DEFAULT_THETA, EvalCache
+from micronet.model.evaluation import evaluate_stream
+from micronet.model.transformer import ModelConfig, TransformerLM
+from micronet.runs.paths import CONF_DIR
 
 VOCAB = 33278  # WikiText-2
 
@@ -35,8 +35,8 @@ VOCAB = 33278  # WikiText-2
 def valid_tokens(n: int) -> tuple[np.ndarray, str]:
     """The first n + 1 WikiText-2 validation tokens, or uniform random ids if the data is missing."""
     try:
-        from micronet.config import typed
-        from micronet.data import DataConfig, load_corpus
+        from micronet.data.corpus import DataConfig, load_corpus
+        from micronet.runs.config import typed
 
         cfg = typed(DataConfig, OmegaConf.load(CONF_DIR / "data" / "wikitext-2.yaml"), "data")
         return np.asarray(load_corpus(cfg, progress=False).valid[: n + 1]), "wikitext-2 valid"

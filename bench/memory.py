@@ -27,11 +27,12 @@ import torch
 
 
 def child(case: str, steps: int, teacher: str, amp: str = "none") -> dict:
-    from micronet.data import Corpus, DataConfig, load_corpus
-    from micronet.distill import build_distiller
-    from micronet.model import ModelConfig
-    from micronet.results import RunDir
-    from micronet.train import OptimConfig, TrainConfig, Trainer
+    from micronet.data.corpus import Corpus, DataConfig, load_corpus
+    from micronet.training.distill import build_distiller
+    from micronet.model.transformer import ModelConfig
+    from micronet.runs.results import RunDir
+    from micronet.training.config import OptimConfig, TrainConfig
+    from micronet.training.trainer import Trainer
 
     if case == "train_8.3M":
         sys.path.insert(0, str(Path(__file__).parent))

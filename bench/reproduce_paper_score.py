@@ -39,9 +39,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from micronet.model import ModelConfig  # noqa: E402
-from micronet.schedules import final_densities  # noqa: E402
-from micronet.score import WT103_TEST_BIN_FRACTIONS, ModelCounts, Score, render_table, score  # noqa: E402
+from micronet.compress.schedules import final_densities  # noqa: E402
+from micronet.model.transformer import ModelConfig  # noqa: E402
+from micronet.scoring.counts import WT103_TEST_BIN_FRACTIONS, ModelCounts, render_table, score  # noqa: E402
+from micronet.scoring.rules import Score  # noqa: E402
 
 ORIGINAL = ModelConfig(vocab_size=267735)
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from throughput import CASES, model_config, synthetic_tokens  # noqa: E402
 
-from micronet.model import TransformerLM  # noqa: E402
+from micronet.model.transformer import TransformerLM  # noqa: E402
 
 
 def reference_target_log_probs(sm, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -30,12 +30,13 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from micronet.cache import DEFAULT_LAMBDA, DEFAULT_THETA, EvalCache
-from micronet.data import Corpus
-from micronet.evaluate import evaluate_stream
-from micronet.model import ModelConfig, count_parameters
-from micronet.results import RunDir
-from micronet.train import OptimConfig, TrainConfig, Trainer
+from micronet.data.corpus import Corpus
+from micronet.model.cache import DEFAULT_LAMBDA, DEFAULT_THETA, EvalCache
+from micronet.model.evaluation import evaluate_stream
+from micronet.model.transformer import ModelConfig, count_parameters
+from micronet.runs.results import RunDir
+from micronet.training.config import OptimConfig, TrainConfig
+from micronet.training.trainer import Trainer
 
 WT103_TEST_BINS = (198232 / 245569, 35479 / 245569, 11858 / 245569)
 

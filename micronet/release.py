@@ -1,113 +1,20 @@
-"""Trained models for use elsewhere: ``model.safetensors`` + ``config.json``, readable with safetensors alone.
+"""Stage: export a run's checkpoint as ``model.safetensors`` + ``config.json`` (:mod:`micronet.compress.release`).
 
     python -m micronet.release name=<run> [step=S] [out=<dir>]        # default out: exports/<run>_step<S>/
-    export_model("prune0.358_wt2_8.3M", 300, "exports/wt2_pruned")   # the same from Python; any run: fp32,
-    model = load_exported("exports/wt2_pruned")                       # pruned or quantized -> TransformerLM
-
-``model.safetensors`` holds every tensor of the plain TransformerLM state dict (masks applied; the tied
-tables once, as ``embed.tables.i.weight``): ``<name>`` in fp32, or for a quantized run's quantized
-weights ``<name>.codes`` (int8 / int16 / int32 by bit width, the weight's shape) and ``<name>.scale``
-(fp32, (out, 1, ...) per output channel or () per tensor, so ``codes * scale`` broadcasts), whose product is
-the dense weight exactly. Without micronet (README)::
-
-    from safetensors.numpy import load_file
-    t = load_file("exports/my_model/model.safetensors")
-    w = {k.removesuffix(".codes"): v * t[k[:-6] + ".scale"] if k.endswith(".codes") else v for k, v in t.items() if not k.endswith(".scale")}
-
-``config.json``: ``format``, ``model_config`` and ``cache_config`` (the TransformerLM and its training
-cache), ``quant`` (null, or the quantization settings with ``act_quantizers``: name -> [scale, min, max]
-of each activation fake quantizer) and ``source`` (run, step, lineage, code version).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from safetensors.numpy import save as st_save
-
 from omegaconf import DictConfig
 
-from micronet.cache import CacheConfig, attach_cache
-from micronet.cli import setup_logging, stage_main
-from micronet.config import MicronetError, as_dict, typed
-from micronet.paths import PROJECT_ROOT
-from micronet.evaluate import load_model
-from micronet.export import (act_records, broadcast_scales, effective, model_cache_config, plain_names,
-                             read_safetensors, set_act_quantizers, weight_codes)
-from micronet.model import ModelConfig, TransformerLM
-from micronet.quantize import quantized_weights
-from micronet.results import RunDir, atomic_write_bytes, code_version, write_json
-
-FORMAT = "micronet-model-1"
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
-
-
-def _code_dtype(bits: int) -> np.dtype:
-    return np.dtype(np.int8 if bits <= 8 else np.int16 if bits <= 16 else np.int32)
-
-
-def export_model(run: str | RunDir, step: int | None, out_dir: str | Path) -> Path:
-    """Write step ``step`` (None: newest) of ``run`` to ``out_dir``/{model.safetensors, config.json}; returns out_dir."""
-    rd = run if isinstance(run, RunDir) else RunDir(run)
-    model, ckpt = load_model(rd, step)
-    quant = ckpt.get("quant")
-    qnames = quantized_weights(model) if quant else {}
-    tensors: dict[str, np.ndarray] = {}
-    with torch.no_grad():
-        for name in plain_names(model):
-            if name in qnames:
-                codes, s = weight_codes(model, name, int(quant["bits"]), qnames[name])
-                tensors[f"{name}.codes"] = codes.numpy().astype(_code_dtype(int(quant["bits"])))
-                tensors[f"{name}.scale"] = broadcast_scales(s, codes.dim(), qnames[name]).numpy()
-            else:
-                tensors[name] = effective(model, name).float().cpu().numpy()
-    if quant:
-        names, data = act_records(model)
-        quant = {**quant, "act_quantizers": dict(zip(names, data.tolist()))}
-    out = Path(out_dir)
-    atomic_write_bytes(out / WEIGHTS, st_save(tensors, metadata={"format": FORMAT}))
-    write_json(out / CONFIG, {"format": FORMAT, "model_config": as_dict(model.cfg),
-                              "cache_config": model_cache_config(model), "quant": quant,
-                              "source": {"run": rd.name, "step": int(ckpt["step"]), "lineage": ckpt.get("lineage"),
-                                         "code": code_version()}})
-    return out
-
-
-def dense_weights(out_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The exported state dict with every quantized weight as codes x scale (fp32)."""
-    tensors, _ = read_safetensors(Path(out_dir) / WEIGHTS)
-    out = {}
-    for key, value in tensors.items():
-        if key.endswith(".codes"):
-            dense = value.astype(np.float64) * tensors[key[:-6] + ".scale"]  # exact, then fp32 as the model held it
-            out[key[:-6]] = torch.from_numpy(dense.astype(np.float32))
-        elif not key.endswith(".scale"):
-            out[key] = torch.from_numpy(value.copy())
-    return out
-
-
-def load_exported(out_dir: str | Path) -> TransformerLM:
-    """The TransformerLM of an :func:`export_model` directory (activation quantizers at their exported
-    ranges for a quantized run, so it evaluates like the run's fake-quantized model), eval mode."""
-    path = Path(out_dir) / CONFIG
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise MicronetError(f"{path}: not an exported model's config ({e})") from None
-    if cfg.get("format") != FORMAT:
-        raise MicronetError(f"{path}: not a micronet model export (format {cfg.get('format')!r})")
-    model = TransformerLM(ModelConfig(**cfg["model_config"]))
-    attach_cache(model, CacheConfig(**cfg["cache_config"]))
-    model.load_state_dict(dense_weights(out_dir))
-    quant = cfg.get("quant")
-    if quant and quant.get("act_quantizers"):
-        acts = quant["act_quantizers"]
-        set_act_quantizers(model, int(quant["act_bits"]), list(acts), torch.tensor(list(acts.values())), str(path))
-    return model.eval()
+from micronet.compress.release import CONFIG, WEIGHTS, export_model
+from micronet.runs.cli import setup_logging, stage_main
+from micronet.runs.config import typed
+from micronet.runs.paths import PROJECT_ROOT
+from micronet.runs.results import RunDir
 
 
 @dataclass
@@ -130,7 +37,7 @@ def run(cfg: DictConfig) -> Path:
     return out
 
 
-__all__ = ["dense_weights", "export_model", "load_exported", "run"]
+__all__ = ["ReleaseConfig", "run"]
 
 main = stage_main("release", run)
 

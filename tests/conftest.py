@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from micronet.paths import CONF_DIR, PROJECT_ROOT
+from micronet.runs.paths import CONF_DIR, PROJECT_ROOT
 
 # A model small enough to train a few steps in well under a second on CPU.
 TINY_MODEL = [

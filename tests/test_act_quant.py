@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from micronet.evaluate import evaluate_stream
-from micronet.quantize import ActQuant, act_quantizers
+from micronet.model.evaluation import evaluate_stream
+from micronet.compress.quantize import ActQuant, act_quantizers
 from test_export import quantized_tiny
 
 # Per (bits, ema): three training-mode calls on inputs(0..2), each with (scale, EMA min, EMA max) after

@@ -19,8 +19,8 @@ from omegaconf import OmegaConf
 
 from conftest import compose_cfg
 from micronet import prune, soft_labels, train
-from micronet.data import DataConfig, load_corpus
-from micronet.results import RunDir
+from micronet.data.corpus import DataConfig, load_corpus
+from micronet.runs.results import RunDir
 from test_soft_labels import TINY_DATA_MODEL, tiny_data, tiny_train, write_tiny_corpus
 
 NEW_FILES_ALLOWED = re.compile(r"\.guard|\.lock|.*\.log")  # a failed stage may leave its guard, lock and log

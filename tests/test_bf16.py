@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-from micronet import model as model_module
-from micronet.data import DataConfig, load_corpus
-from micronet.model import ModelConfig
-from micronet.results import RunDir
-from micronet.train import Trainer
-from micronet.train_config import OptimConfig, TrainConfig, fast_bf16, resolve_amp
+from micronet.model import transformer as model_module
+from micronet.data.corpus import DataConfig, load_corpus
+from micronet.model.transformer import ModelConfig
+from micronet.runs.results import RunDir
+from micronet.training.trainer import Trainer
+from micronet.training.config import OptimConfig, TrainConfig, fast_bf16, resolve_amp
 
 STEPS, SMOOTH = 160, 20
 PPL_TOL, LOSS_BAND = 0.01, 0.02

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from micronet.cache import CacheConfig, EvalCache, TrainCache, attach_cache, cache_log_probs, mix_log_probs
-from micronet.evaluate import evaluate_stream
-from micronet.model import ModelConfig, TransformerLM
+from micronet.model.cache import CacheConfig, EvalCache, TrainCache, attach_cache, cache_log_probs, mix_log_probs
+from micronet.model.evaluation import evaluate_stream
+from micronet.model.transformer import ModelConfig, TransformerLM
 
 
 def naive_cache_log_probs(h, y, lp_model, lam, theta, n_cache):

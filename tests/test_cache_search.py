@@ -13,11 +13,12 @@ from omegaconf import OmegaConf
 
 from conftest import TINY_MODEL, TINY_TRAIN, compose_cfg, run_cli
 from micronet import evaluate, train
-from micronet.cache import EvalCache, eval_cache_for, write_cache_params
-from micronet.cache_search import CacheObjective, coordinate_search, hidden_states
-from micronet.evaluate import evaluate_stream, load_model
-from micronet.model import ModelConfig, TransformerLM
-from micronet.results import RunDir
+from micronet.compress.checkpoint import load_model
+from micronet.model.cache import EvalCache, eval_cache_for, write_cache_params
+from micronet.model.cache_search import CacheObjective, coordinate_search, hidden_states
+from micronet.model.evaluation import evaluate_stream
+from micronet.model.transformer import ModelConfig, TransformerLM
+from micronet.runs.results import RunDir
 
 
 @pytest.mark.parametrize("start", [(0.1, 0.016), (0.5, 0.2)])

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from micronet import data as D
-from micronet.data import DataConfig, DataError, load_corpus, prepare
-from micronet.paths import shared_data_dir
+from micronet.data.corpus import corpus as D
+from micronet.data.corpus import DataConfig, load_corpus, prepare
+from micronet.data.fetch import DataError
+from micronet.runs.paths import shared_data_dir
 
 WT2_COUNTS = {"train": 2_088_628, "valid": 217_646, "test": 245_569}
 WT2_VOCAB = 33_278

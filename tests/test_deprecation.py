@@ -16,11 +16,12 @@ import torch
 
 from conftest import TINY_MODEL, TINY_TRAIN, compose_cfg
 from micronet import quantize, train
-from micronet.evaluate import evaluate_stream, load_model
-from micronet.export import load_export, same_weights
-from micronet.fast_infer import build_fast_model
-from micronet.release import export_model, load_exported
-from micronet.results import RunDir
+from micronet.compress.checkpoint import load_model
+from micronet.model.evaluation import evaluate_stream
+from micronet.compress.export import load_export, same_weights
+from micronet.compress.fast_infer import build_fast_model
+from micronet.compress.release import export_model, load_exported
+from micronet.runs.results import RunDir
 
 FORBIDDEN = ("torch.ao.quantization", "torch.ao.nn.quantized", "quantize_per_", "qint8", "quint8", "qint32")
 PACKAGE = Path(__file__).resolve().parents[1] / "micronet"

@@ -14,9 +14,10 @@ from typing import Callable
 import pytest
 
 from conftest import compose_cfg
-from micronet import results, train
-from micronet.config import MicronetError
-from micronet.results import CheckpointError, RunDir, WriteError, truncate_csv
+from micronet import train
+from micronet.runs import results
+from micronet.runs.config import MicronetError
+from micronet.runs.results import CheckpointError, RunDir, WriteError, truncate_csv
 from test_reliability import TRAIN, assert_same_run, guard_is_free, start, tail, temp_files  # noqa: F401
 
 
@@ -171,7 +172,7 @@ def test_half_written_checkpoints_of_a_killed_process_are_removed(results_root, 
 
 
 def test_a_log_file_on_a_full_disk_warns_once_and_logging_goes_on(tmp_path, capsys):
-    from micronet.cli import _LogFile, setup_logging
+    from micronet.runs.cli import _LogFile, setup_logging
 
     setup_logging(tmp_path / "stage.log")
     handler = next(h for h in logging.getLogger().handlers if isinstance(h, _LogFile))
@@ -204,7 +205,7 @@ def test_a_full_disk_when_taking_the_guard_is_one_line(results_root, monkeypatch
 
 
 def test_soft_labels_on_a_full_disk_stop_cleanly_and_resume_exactly(tmp_path, monkeypatch):
-    from micronet.soft_labels import SoftLabelError, generate_soft_labels
+    from micronet.training.soft_labels import SoftLabelError, generate_soft_labels
     from test_soft_labels import META, tiny_lm, tokens
 
     model, toks, args = tiny_lm(), tokens(300), dict(chunk_len=20, block_tokens=60)  # 3 chunks a block

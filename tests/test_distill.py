@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from conftest import compose_cfg
-from micronet import distill, soft_labels, train
-from micronet.distill import (DistillConfig, Distiller, SoftLabels, distill_loss, gather_log_probs, hard_weight,
-                              soft_cross_entropy)
-from micronet.results import RunDir
-from micronet.soft_labels import SoftLabelError
+from micronet import soft_labels, train
+from micronet.data.batches import sample_batch
+from micronet.runs.results import RunDir
+from micronet.training import distill
+from micronet.training.distill import (DistillConfig, Distiller, SoftLabels, distill_loss, gather_log_probs,
+                                       hard_weight, soft_cross_entropy)
+from micronet.training.soft_labels import SoftLabelError
 from test_soft_labels import (VOCAB, tiny_env, tiny_lm, tiny_train,  # noqa: F401 (fixtures)
                               write_tiny_corpus)
 
@@ -81,14 +83,14 @@ def test_distill_loss_equals_a_direct_computation():
 
 def test_distiller_reads_the_rows_of_the_batch_targets(tmp_path):
     """Row r of the file belongs to train token r; y[b, t] is token starts[b] + 1 + t."""
-    from micronet.soft_labels import generate_soft_labels
+    from micronet.training.soft_labels import generate_soft_labels
 
     toks = np.random.default_rng(0).integers(0, VOCAB, size=120).astype(np.int32)
     model = tiny_lm()
     meta = {"teacher": "t", "step": 1, "data": {"vocab_size": VOCAB}}
     generate_soft_labels(model, toks, tmp_path / "sl", 5, meta, chunk_len=1000)
     rng = np.random.default_rng(3)
-    x, y, starts = train.sample_batch(toks, 3, 16, rng)
+    x, y, starts = sample_batch(toks, 3, 16, rng)
     labels = SoftLabels(tmp_path / "sl")
     ids, probs = labels.rows(starts, 16)
     with torch.no_grad():

@@ -21,8 +21,8 @@ import torch
 
 from conftest import TINY_MODEL, TINY_TRAIN, compose_cfg, run_cli
 from micronet import soft_labels, train
-from micronet.config import ConfigError
-from micronet.results import RunDir
+from micronet.runs.config import ConfigError
+from micronet.runs.results import RunDir
 from test_soft_labels import tiny_env, tiny_train  # noqa: F401 (fixture)
 
 ARGS = [

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from micronet.dropout import Dropout, dropout, hash32, keep_scale
+from micronet.model.dropout import Dropout, dropout, hash32, keep_scale
 
 
 def murmur_reference(n: int, mult: int, add: int) -> np.ndarray:
@@ -48,7 +48,7 @@ def test_masks_look_independent():
 
 @pytest.mark.parametrize("keep_mask_max", [1 << 23, 0])  # mask kept for the backward / recomputed from the keys
 def test_backward_uses_the_forward_mask_and_seeding_reproduces(monkeypatch, keep_mask_max):
-    monkeypatch.setattr("micronet.dropout.KEEP_MASK_MAX_ELEMS", keep_mask_max)
+    monkeypatch.setattr("micronet.model.dropout.KEEP_MASK_MAX_ELEMS", keep_mask_max)
     x = torch.randn(64, 333, requires_grad=True)
     torch.manual_seed(3)
     y = dropout(x, 0.25)

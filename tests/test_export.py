@@ -11,15 +11,15 @@ import torch
 from safetensors import safe_open
 from torch.nn.utils import parametrize
 
-from micronet.config import MicronetError
-from micronet.evaluate import evaluate_stream
-from micronet.export import (FORMAT, effective, export_packed, load_export, load_packed, pack_codes, plain_names,
+from micronet.runs.config import MicronetError
+from micronet.model.evaluation import evaluate_stream
+from micronet.compress.export import (FORMAT, effective, export_packed, load_export, load_packed, pack_codes, plain_names,
                              same_weights, unpack_codes)
-from micronet.mnq import convert_mnq
-from micronet.model import ModelConfig, TransformerLM
-from micronet.paths import PROJECT_ROOT
-from micronet.prune import magnitude_mask
-from micronet.quantize import act_quantizers, calibrate, levels, prepare, quantized_weights
+from micronet.compress.mnq import convert_mnq
+from micronet.model.transformer import ModelConfig, TransformerLM
+from micronet.runs.paths import PROJECT_ROOT
+from micronet.compress.prune import magnitude_mask
+from micronet.compress.quantize import act_quantizers, calibrate, levels, prepare, quantized_weights
 
 # A model.mnq written by the exporter before safetensors (committed with its run's results).
 LEGACY_RUN = PROJECT_ROOT / "results" / "quantize_prune0.358_wt2_8.3M_step300_cache2000_bits9"

@@ -1,4 +1,4 @@
-"""The fast CPU inference model (micronet.fast_infer): close to the fake-quantized export, same API,
+"""The fast CPU inference model (micronet.compress.fast_infer): close to the fake-quantized export, same API,
 evaluation with memory and cache, and ``python -m micronet.evaluate ... fast=true``."""
 
 from __future__ import annotations
@@ -11,16 +11,17 @@ import pytest
 import torch
 
 from conftest import compose_cfg, run_cli
-from micronet import evaluate, fast_infer, quantize, train
-from micronet.cache import EvalCache
-from micronet.config import ConfigError, MicronetError
-from micronet.evaluate import evaluate_stream
-from micronet.export import export_packed, load_export, load_packed
-from micronet.fast_infer import FastAdaptiveLogSoftmax, Int8Linear, build_fast_model
-from micronet.model import ModelConfig, TransformerLM
-from micronet.prune import magnitude_mask
-from micronet.quantize import act_quantizers, calibrate, prepare
-from micronet.results import RunDir
+from micronet import evaluate, quantize, train
+from micronet.compress import fast_infer
+from micronet.model.cache import EvalCache
+from micronet.runs.config import ConfigError, MicronetError
+from micronet.model.evaluation import evaluate_stream
+from micronet.compress.export import export_packed, load_export, load_packed
+from micronet.compress.fast_infer import FastAdaptiveLogSoftmax, Int8Linear, build_fast_model
+from micronet.model.transformer import ModelConfig, TransformerLM
+from micronet.compress.prune import magnitude_mask
+from micronet.compress.quantize import act_quantizers, calibrate, prepare
+from micronet.runs.results import RunDir
 from test_export import LEGACY_RUN
 from test_soft_labels import tiny_train, write_tiny_corpus
 
@@ -125,7 +126,7 @@ def test_int8_linear_is_the_product_of_its_codes_and_scales():
 
 @pytest.mark.skipif(not (LEGACY_RUN / "model.mnq").exists(), reason="the committed 9-bit model.mnq is not here")
 def test_on_the_9_bit_wikitext2_model_int8_is_within_0_1_percent_of_fake_quantization():
-    from micronet.data import DataConfig, load_corpus
+    from micronet.data.corpus import DataConfig, load_corpus
 
     torch.set_num_threads(1)
     tokens = load_corpus(DataConfig()).valid[:4033]

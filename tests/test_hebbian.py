@@ -12,10 +12,10 @@ import torch.distributed as dist
 
 from conftest import TINY_MODEL, TINY_TRAIN, compose_cfg
 from micronet import train
-from micronet.cache import CacheConfig, TrainCache
-from micronet.hebbian import HebbianConfig, HebbianSoftmax
-from micronet.model import ModelConfig, TransformerLM
-from micronet.results import CheckpointError, RunDir
+from micronet.model.cache import CacheConfig, TrainCache
+from micronet.model.hebbian import HebbianConfig, HebbianSoftmax
+from micronet.model.transformer import ModelConfig, TransformerLM
+from micronet.runs.results import CheckpointError, RunDir
 
 TARGETS = [3, 3, 12, 35, 7, 5]  # word 3 twice; 12 in tail bin 1, 35 in tail bin 2
 PRIOR = {7: 499, 5: 150, 35: 9}  # counts before the step (all others 0)

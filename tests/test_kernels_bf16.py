@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from micronet import linear_softmax
-from micronet.band_attention import windows
-from micronet.dropout import _HashDropout, keep_scale
-from micronet.linear_softmax import NARROW_BLOCKED_MIN_ELEMS, narrow_target_log_prob, target_log_prob
-from micronet.model import ModelConfig, TransformerLM
+from micronet.model import linear_softmax
+from micronet.model.band_attention import windows
+from micronet.model.dropout import _HashDropout, keep_scale
+from micronet.model.linear_softmax import NARROW_BLOCKED_MIN_ELEMS, narrow_target_log_prob, target_log_prob
+from micronet.model.transformer import ModelConfig, TransformerLM
 
 BF16_GRAD_RTOL = 2e-2
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from micronet.adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax, init_adaptive
-from micronet.linear_softmax import NARROW_DIM, target_log_prob
+from micronet.model.adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax, init_adaptive
+from micronet.model.linear_softmax import NARROW_DIM, target_log_prob
 
 
 @pytest.mark.parametrize("block_elems", [1, 7 * 13, 1 << 21])  # one row per block, ragged blocks, one block

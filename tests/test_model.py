@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from micronet.band_attention import band_bias, band_softmax, skew, windows
-from micronet.model import Memory, ModelConfig, TransformerLM, count_parameters
+from micronet.model.band_attention import band_bias, band_softmax, skew, windows
+from micronet.model.transformer import Memory, ModelConfig, TransformerLM, count_parameters
 
 TINY = dict(vocab_size=50, d_model=16, n_layer=2, n_head=2, d_head=4, d_ff=24, n_seq=5, segment_len=5,
             cutoffs=[10, 30], bin_dims=[16, 8, 2])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_MODEL, TINY_TRAIN, compose_cfg
-from micronet.paths import PROJECT_ROOT
+from micronet.runs.paths import PROJECT_ROOT
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")

@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 
 from conftest import compose_cfg, run_cli
 from micronet import pipeline
-from micronet.config import ConfigError, MicronetError
-from micronet.paths import PROJECT_ROOT
-from micronet.results import RunDir
+from micronet.runs.config import ConfigError, MicronetError
+from micronet.runs.paths import PROJECT_ROOT
+from micronet.runs.results import RunDir
 from test_notebooks import kernel, outputs, run_notebook, write_tiny_corpus  # noqa: F401 (kernel: a fixture)
 
 TEACHER, STUDENT, PRUNED = "tiny_teacher", "tiny_student", "prune0.358_tiny_student"
@@ -159,6 +159,17 @@ def test_committed_planned_configs_are_what_the_lineage_generates(results_root, 
             continue
         assert have == yaml.safe_load(planned.read_text()), \
             f"{committed} is stale: regenerate it with python -m micronet.pipeline lineage={name} dry_run=true"
+
+
+def test_dry_run_leaves_the_config_of_a_run_that_ran_alone(results_root):
+    """A run that ran (config.yaml records its code) keeps its config.yaml, even with its checkpoints
+    gone (committed results hold none): the plan never rewrites what a run recorded."""
+    rd = RunDir(ORIGINAL[0])
+    rd.path.mkdir(parents=True)
+    own = "train:\n  steps: 7\ncode:\n  commit: abc\n  dirty: false\n"
+    rd.config_path.write_text(own)
+    pipeline.run(compose_cfg("pipeline", ["lineage=original", "dry_run=true"]))
+    assert rd.config_path.read_text() == own
 
 
 def test_until_stops_after_the_named_run(results_root):

@@ -10,11 +10,13 @@ from omegaconf import OmegaConf
 
 from conftest import TINY_MODEL, TINY_TRAIN, compose_cfg
 from micronet import prune, sensitivity, train
-from micronet.config import ConfigError, MicronetError
-from micronet.model import ModelConfig, TransformerLM
-from micronet.prune import AGPPruner, PruneConfig, agp_sparsity, n_pruned, normalize_argv, prunable_names
-from micronet.results import RunDir
-from micronet.schedules import PRUNE_TARGETS_0477, prune_targets
+from micronet.compress.prune import (AGPPruner, PruneConfig, agp_sparsity, locate, mask_of, n_pruned, original,
+                                     prunable_names)
+from micronet.compress.schedules import PRUNE_TARGETS_0477, prune_targets
+from micronet.model.transformer import ModelConfig, TransformerLM
+from micronet.runs.cli import normalize_argv
+from micronet.runs.config import ConfigError, MicronetError
+from micronet.runs.results import RunDir
 
 # Fine-tuning small enough for a test: masks at steps 0, 2, 4 (rounds 0..2), then fixed to step 6.
 PRUNE_TINY = ["prune.every=2", "prune.rounds=2", "train.steps=6", "train.batch_size=2", "train.chunk_len=32",
@@ -65,7 +67,7 @@ def test_masks_hold_through_adam_with_momentum():
     targets = {n: (0.5, 0.5) for n in prunable_names(model.cfg)}
     pruner = AGPPruner(model, targets, every=1000, rounds=1, optimizer=opt)
     pruner.start(0)
-    masks = {n: prune.mask_of(model, n).mask.clone() for n in targets}
+    masks = {n: mask_of(model, n).mask.clone() for n in targets}
 
     class T:  # what the hook sees of the Trainer
         step = 1
@@ -74,8 +76,8 @@ def test_masks_hold_through_adam_with_momentum():
         step()
         pruner(T)
     for name, keep in masks.items():
-        orig = prune.original(model, name)
-        module, attr = prune.locate(model, name)
+        orig = original(model, name)
+        module, attr = locate(model, name)
         assert torch.equal(orig[~keep], torch.zeros_like(orig[~keep])), name
         assert torch.equal(getattr(module, attr) != 0, keep), name
         assert int((~keep).sum()) == n_pruned(keep.numel(), 0.5)

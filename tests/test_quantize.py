@@ -11,14 +11,14 @@ from torch import nn
 
 from conftest import TINY_MODEL, TINY_TRAIN, compose_cfg
 from micronet import quantize, train
-from micronet.cache import read_cache_params, write_cache_params
-from micronet.config import ConfigError, MicronetError
-from micronet.evaluate import load_model
-from micronet.export import effective, weight_scale
-from micronet.model import ModelConfig, TransformerLM
-from micronet.prune import magnitude_mask, prunable_names
-from micronet.quantize import act_quantizers, calibrate, levels, prepare, quantized_weights, reduced_scale
-from micronet.results import CheckpointError, RunDir
+from micronet.compress.checkpoint import load_model
+from micronet.compress.export import effective, weight_scale
+from micronet.compress.prune import magnitude_mask, prunable_names
+from micronet.compress.quantize import act_quantizers, calibrate, levels, prepare, quantized_weights, reduced_scale
+from micronet.model.cache import read_cache_params, write_cache_params
+from micronet.model.transformer import ModelConfig, TransformerLM
+from micronet.runs.config import ConfigError, MicronetError
+from micronet.runs.results import CheckpointError, RunDir
 
 QUANT_TINY = ["quant.calib_batches=2", "quant.calib_chunk_len=32", "eval_splits=[]"]
 

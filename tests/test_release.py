@@ -13,11 +13,12 @@ from safetensors.numpy import load_file
 
 from conftest import TINY_MODEL, TINY_TRAIN, compose_cfg, run_cli
 from micronet import quantize, train
-from micronet.evaluate import evaluate_stream, load_model
-from micronet.export import effective, plain_names, same_weights
-from micronet.paths import PROJECT_ROOT
-from micronet.release import FORMAT, export_model, load_exported
-from micronet.results import RunDir
+from micronet.compress.checkpoint import load_model
+from micronet.model.evaluation import evaluate_stream
+from micronet.compress.export import effective, plain_names, same_weights
+from micronet.runs.paths import PROJECT_ROOT
+from micronet.compress.release import FORMAT, export_model, load_exported
+from micronet.runs.results import RunDir
 
 QUANT_TINY = ["quant.calib_batches=2", "quant.calib_chunk_len=32", "eval_splits=[]"]
 

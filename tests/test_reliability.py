@@ -25,9 +25,10 @@ import torch
 
 from conftest import TINY_MODEL, TINY_TRAIN, compose_cfg
 from micronet import prune, soft_labels, train
-from micronet.config import MicronetError
-from micronet.model import TransformerLM
-from micronet.results import RunDir
+from micronet.model.transformer import TransformerLM
+from micronet.runs.config import MicronetError
+from micronet.runs.results import RunDir
+from micronet.training.soft_labels import read_manifest
 from test_soft_labels import tiny_train, write_tiny_corpus
 
 TRAIN = [*TINY_MODEL, *TINY_TRAIN, "model.dropout=0.1"]  # dropout: the torch RNG state must be restored too
@@ -154,7 +155,7 @@ def test_sigkill_at_3_random_points_then_resume_is_bit_identical(results_root, t
     sl_out = RunDir("b").path / "soft_labels" / "top4_step4"
 
     def rows_done() -> int:
-        m = soft_labels.read_manifest(sl_out)
+        m = read_manifest(sl_out)
         return m["rows_done"] if m else 0
 
     chains = {
@@ -194,7 +195,7 @@ def test_signals_save_release_the_guard_and_exit_130_143(results_root, tmp_path)
         return RunDir(name).checkpoint_path(step).exists
 
     def soft_labels_started() -> bool:
-        m = soft_labels.read_manifest(sl_dir)
+        m = read_manifest(sl_dir)
         return bool(m and m["rows_done"] > 1)
 
     jobs = {  # name: module, args, signal, expected exit code, "first checkpoint written"
@@ -246,7 +247,7 @@ def test_signals_save_release_the_guard_and_exit_130_143(results_root, tmp_path)
     assert val["step"] == 2 and val["pending_validation"] and len(val["pending_losses"]) == 2
     assert "validation of step 2 interrupted by a signal" in RunDir("sigterm_val").log_path("train").read_text()
     assert "micronet.train: interrupted" in tail(tmp_path / "sigint.err")
-    m = soft_labels.read_manifest(sl_dir)
+    m = read_manifest(sl_dir)
     assert 1 < m["rows_done"] < m["tokens"] and not m["complete"] and (sl_dir / "state.pt").exists()
     assert guard_is_free(RunDir("t"))
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from micronet import report
-from micronet.config import MicronetError
-from micronet.data import Corpus, DataError
-from micronet.model import ModelConfig
-from micronet.paths import PROJECT_ROOT, shared_data_dir
-from micronet.score import ModelCounts, bin_fractions, score
+from micronet.runs.config import MicronetError
+from micronet.data.corpus import Corpus, DataError
+from micronet.model.transformer import ModelConfig
+from micronet.runs.paths import PROJECT_ROOT, shared_data_dir
+from micronet.scoring.counts import ModelCounts, bin_fractions, score
 
 CFG = ModelConfig(vocab_size=100, d_model=16, n_layer=2, n_head=2, d_head=8, d_ff=32, n_seq=8, segment_len=8,
                   cutoffs=[20, 50], bin_dims=[16, 8, 4])

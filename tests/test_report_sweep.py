@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from micronet.report_layout import label_boxes
-from micronet.report_sweep import measured_sparsity, plot_sweep, sweep_panels, sweep_points
+from micronet.report.layout import label_boxes
+from micronet.report.sweep import measured_sparsity, plot_sweep, sweep_panels, sweep_points
 
 
 def _row(name, parent=None, stage=None, bits=None, score=None, ppl=None, n_cache=2000, dataset="wikitext-2",

@@ -20,12 +20,12 @@ from omegaconf import OmegaConf
 
 from conftest import TINY_MODEL, compose_cfg, run_cli
 from micronet import train
-from micronet.config import typed
-from micronet.data import DataConfig, load_corpus
-from micronet.fetch import sha256_file
+from micronet.runs.config import typed
+from micronet.data.corpus import DataConfig, load_corpus
+from micronet.data.fetch import sha256_file
 from micronet.report import collect_runs, runs_table
-from micronet.results import RunDir, load_checkpoint_file, save_checkpoint
-from micronet.train_config import OptimConfig, lr_at
+from micronet.runs.results import RunDir, load_checkpoint_file, save_checkpoint
+from micronet.training.config import OptimConfig, lr_at
 from test_bad_input import LOG_LINE, snapshot, train_args
 from test_soft_labels import tiny_env, write_tiny_corpus  # noqa: F401 (fixture)
 
@@ -255,9 +255,9 @@ def _glibc_with_mallinfo2() -> bool:
 @pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="needs glibc >= 2.33 (mallinfo2)")
 def test_stages_tune_malloc_at_start_up_without_the_variable():
     tunables = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
-    tune = "from micronet.allocator import tune_malloc\nprint(tune_malloc())"
+    tune = "from micronet.runs.allocator import tune_malloc\nprint(tune_malloc())"
     cases = {  # (setup code, extra env) -> expected output
-        ("import micronet.cli, micronet.train", ()): ["1"],  # importing changes nothing
+        ("import micronet.runs.cli, micronet.train", ()): ["1"],  # importing changes nothing
         (tune, ()): ["mallopt", "0"],
         (tune, (("GLIBC_TUNABLES", tunables),)): ["GLIBC_TUNABLES", "0"],  # the user's own setting wins
         (tune, (("MICRONET_MALLOPT", "0"),)): ["off (MICRONET_MALLOPT=0)", "1"],
@@ -268,7 +268,7 @@ def test_stages_tune_malloc_at_start_up_without_the_variable():
                            env={**base, **dict(env)}, timeout=120)
         assert r.returncode == 0 and r.stdout.split("\n")[:-1] == expected, (setup, env, r.stdout, r.stderr[-800:])
     # Every stage's entry point calls it before anything else (here: before a one-line error).
-    code = ("import micronet.cli as c, sys\nt = c.tune_malloc\nc.tune_malloc = lambda: print('tuned:', t())\n"
+    code = ("import micronet.runs.cli as c, sys\nt = c.tune_malloc\nc.tune_malloc = lambda: print('tuned:', t())\n"
             "import micronet.train\nsys.argv = ['train', 'name=x', 'train.device=gpu']\nmicronet.train.main()")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=base, timeout=120, cwd="/")
     assert r.returncode == 2 and r.stdout == "tuned: mallopt\n", (r.stdout, r.stderr[-800:])

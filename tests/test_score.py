@@ -9,27 +9,12 @@ from torch.nn.utils import parametrize, prune
 
 from conftest import load_bench
 
-from micronet.model import ModelConfig, TransformerLM, count_parameters
-from micronet.schedules import PRUNE_TARGETS_0477, final_densities, prune_targets
-from micronet.score import (
-    FC,
-    WT103_TEST_BIN_FRACTIONS,
-    Cache,
-    LayerNorm,
-    ModelCounts,
-    ReLU,
-    Residual,
-    Settings,
-    Softmax,
-    TensorCount,
-    attention_ops,
-    bin_fractions,
-    count,
-    render_table,
-    score,
-    score_config,
-    score_model,
-)
+from micronet.compress.schedules import PRUNE_TARGETS_0477, final_densities, prune_targets
+from micronet.model.transformer import ModelConfig, TransformerLM, count_parameters
+from micronet.scoring.count import count
+from micronet.scoring.counts import (WT103_TEST_BIN_FRACTIONS, ModelCounts, attention_ops, bin_fractions, render_table,
+                                     score, score_config, score_model)
+from micronet.scoring.rules import FC, Cache, LayerNorm, ReLU, Residual, Settings, Softmax, TensorCount
 
 ORIGINAL = ModelConfig(vocab_size=267735)
 TINY = dict(vocab_size=50, d_model=16, n_layer=2, n_head=2, d_head=4, d_ff=24, n_seq=5, segment_len=5,

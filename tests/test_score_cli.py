@@ -8,8 +8,8 @@ import pytest
 
 from conftest import TINY_MODEL, TINY_TRAIN, compose_cfg, run_cli
 from micronet import evaluate, score, train
-from micronet.config import ConfigError
-from micronet.results import CheckpointError, RunDir
+from micronet.runs.config import ConfigError
+from micronet.runs.results import CheckpointError, RunDir
 
 
 @pytest.fixture

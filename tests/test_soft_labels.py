@@ -13,10 +13,10 @@ import torch
 
 from conftest import TINY_MODEL, compose_cfg
 from micronet import soft_labels, train
-from micronet.model import ModelConfig, TransformerLM
-from micronet.results import GuardError, RunDir
-from micronet.distill import SoftLabels
-from micronet.soft_labels import SoftLabelError, generate_soft_labels
+from micronet.model.transformer import ModelConfig, TransformerLM
+from micronet.runs.results import GuardError, RunDir
+from micronet.training.distill import SoftLabels
+from micronet.training.soft_labels import SoftLabelError, generate_soft_labels
 
 VOCAB = 40
 META = {"teacher": "t", "step": 1, "data": {"name": "x", "vocab_size": VOCAB}}

@@ -8,7 +8,7 @@ import sys
 
 from conftest import TINY_MODEL, TINY_TRAIN, compose_cfg, run_cli
 from micronet import train
-from micronet.results import RunDir
+from micronet.runs.results import RunDir
 
 PRUNE_TINY = ["prune.every=2", "prune.rounds=2", "train.steps=4", "train.batch_size=2", "train.chunk_len=32",
               "train.eval_every=4", "train.save_every=4", "train.val_tokens=200", "train.eval_chunk_len=64",

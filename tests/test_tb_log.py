@@ -9,7 +9,7 @@ import pytest
 
 from conftest import TINY_MODEL, TINY_TRAIN, compose_cfg
 from micronet import train
-from micronet.results import RunDir
+from micronet.runs.results import RunDir
 
 pytest.importorskip("tensorboard", reason="TensorBoard is optional: pip install -e '.[tb]'")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402

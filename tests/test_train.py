@@ -13,10 +13,10 @@ import torch
 
 from conftest import TINY_MODEL, TINY_TRAIN, compose_cfg, run_cli
 from micronet import evaluate, train
-from micronet.config import ConfigError
-from micronet.data import DataConfig, load_corpus
-from micronet.fetch import sha256_file
-from micronet.results import CheckpointError, GuardError, RunDir, load_checkpoint_file
+from micronet.data.corpus import DataConfig, load_corpus
+from micronet.data.fetch import sha256_file
+from micronet.runs.config import ConfigError
+from micronet.runs.results import CheckpointError, GuardError, RunDir, load_checkpoint_file
 
 
 def tiny_cfg(name: str, *extra: str):
