@@ -48,7 +48,7 @@ from micronet.model.cache import eval_cache_for
 from micronet.data.corpus import DataConfig, load_corpus
 from micronet.compress.checkpoint import load_model
 from micronet.model.evaluation import evaluate_stream
-from micronet.compress.export import load_export
+from micronet.compress.checkpoint import load_export
 from micronet.compress.fast_infer import DEFAULT_SEGMENT_LEN, build_fast_model, int8_linear, plain_copy
 from micronet.runs.results import RunDir
 

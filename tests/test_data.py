@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from micronet.data.corpus import corpus as D
+from micronet.data import corpus as D
 from micronet.data.corpus import DataConfig, load_corpus, prepare
 from micronet.data.fetch import DataError
 from micronet.runs.paths import shared_data_dir

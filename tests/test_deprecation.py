@@ -18,7 +18,8 @@ from conftest import TINY_MODEL, TINY_TRAIN, compose_cfg
 from micronet import quantize, train
 from micronet.compress.checkpoint import load_model
 from micronet.model.evaluation import evaluate_stream
-from micronet.compress.export import load_export, same_weights
+from micronet.compress.checkpoint import load_export
+from micronet.compress.export import same_weights
 from micronet.compress.fast_infer import build_fast_model
 from micronet.compress.release import export_model, load_exported
 from micronet.runs.results import RunDir

@@ -13,8 +13,9 @@ from torch.nn.utils import parametrize
 
 from micronet.runs.config import MicronetError
 from micronet.model.evaluation import evaluate_stream
-from micronet.compress.export import (FORMAT, effective, export_packed, load_export, load_packed, pack_codes, plain_names,
-                             same_weights, unpack_codes)
+from micronet.compress.checkpoint import load_export
+from micronet.compress.export import (FORMAT, effective, export_packed, load_packed, pack_codes, plain_names,
+                                      same_weights, unpack_codes)
 from micronet.compress.mnq import convert_mnq
 from micronet.model.transformer import ModelConfig, TransformerLM
 from micronet.runs.paths import PROJECT_ROOT

@@ -16,7 +16,8 @@ from micronet.compress import fast_infer
 from micronet.model.cache import EvalCache
 from micronet.runs.config import ConfigError, MicronetError
 from micronet.model.evaluation import evaluate_stream
-from micronet.compress.export import export_packed, load_export, load_packed
+from micronet.compress.checkpoint import load_export
+from micronet.compress.export import export_packed, load_packed
 from micronet.compress.fast_infer import FastAdaptiveLogSoftmax, Int8Linear, build_fast_model
 from micronet.model.transformer import ModelConfig, TransformerLM
 from micronet.compress.prune import magnitude_mask

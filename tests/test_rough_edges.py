@@ -186,7 +186,8 @@ def test_score_without_eval_file_warns_once_and_the_table_says_missing(tiny_env,
     assert sorted(p.name for p in set(after) - set(before)) == ["score.log", "score_step4.json"]
     header, _, row = runs_table(collect_runs(), "text").splitlines()[:3]
     cells = dict(zip(re.split(r"\s{2,}", header), re.split(r"\s{2,}", row.strip())))
-    assert cells["test ppl"] == "missing" and cells["val ppl"].endswith("*"), (header, row)
+    assert cells["test ppl"] == "missing" and cells["val ppl"] == "missing", (header, row)
+    assert re.fullmatch(r"[\d.,]+ \(first \d+ tokens, no cache\)", cells["last training validation"]), (header, row)
 
 
 # ---------------------------------------------------------------- item 5: resuming with another schedule
@@ -215,7 +216,7 @@ def test_resuming_with_other_steps_is_refused_unless_extended(tiny_env, results_
     extended = run_cli("micronet.train", *train_args("t", tiny_env, "tiny"), "train.steps=8", "train.extend=true")
     assert extended.returncode == 0, extended.stderr[-1500:]
     optim = typed(OptimConfig, compose_cfg("train", train_args("t", tiny_env, "tiny")).optim, "optim")
-    assert (f"WARNING __main__: train.extend: train.steps 4 -> 8 from step 4: the next learning rate is "
+    assert (f"WARNING micronet.training.trainer: train.extend: train.steps 4 -> 8 from step 4: the next learning rate is "
             f"{lr_at(4, optim, 8):.4g} instead of {lr_at(4, optim, 4):.4g} and the cosine reaches optim.min_lr at "
             "step 8 instead of 4") in extended.stderr
     assert OmegaConf.load(rd.config_path).train.steps == 8 and rd.load(8)["train_steps"] == 8
