@@ -33,7 +33,7 @@ class CacheSearchConfig:
     """Settings of the cache_search stage."""
 
     name: str = "???"
-    step: int | None = None  # None: newest checkpoint
+    step: int | str | None = None  # None: newest checkpoint
     n_cache: int = 3000
     chunk_len: int = 4032  # tokens per forward pass of the one network run
     val_tokens: int = 0  # search on the first N validation tokens; 0 = the whole split

@@ -44,7 +44,7 @@ class PruneStageConfig:
     """Top-level keys of ``conf/prune.yaml``."""
 
     name: str = "???"  # the trained (parent) run
-    step: int | None = None  # parent checkpoint; None = newest (when resuming: the recorded one)
+    step: int | str | None = None  # parent checkpoint; None = newest (when resuming: the recorded one)
     eval_splits: list[str] = field(default_factory=lambda: ["valid", "test"])  # evaluated at the end
     eval_chunk_len: int = 4032
     finetune_data: str | None = None  # the data the finetune preset is meant for (a warning if not)
@@ -65,7 +65,7 @@ def run(cfg: DictConfig) -> dict:
     rd = RunDir(pruned_name(pcfg.name, parent.name))
     with rd.guard("prune"):
         setup_logging(rd.log_path("prune"))
-        ckpt = parent.load(recorded_parent_step(rd, parent, st.step))
+        ckpt = parent.load(recorded_parent_step(rd, parent, parent.resolve_step(st.step)))
         if ckpt.get("quant"):
             raise ConfigError(f"{parent.name} is a quantized run; prune its full-precision parent instead")
         pstep = int(ckpt["step"])

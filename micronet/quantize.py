@@ -64,7 +64,7 @@ class QuantizeStageConfig:
     """Top-level keys of ``conf/quantize.yaml``."""
 
     name: str = "???"
-    step: int | None = None  # None: newest checkpoint
+    step: int | str | None = None  # None: newest checkpoint
     bits: int = 9
     act_bits: int | None = None  # None: = bits
     n_cache: int | None = None  # None: the largest searched cache of that step (cache_step<S>_n<N>.yaml), else 0

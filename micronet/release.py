@@ -22,7 +22,7 @@ class ReleaseConfig:
     """Keys of ``conf/release.yaml``."""
 
     name: str = "???"
-    step: int | None = None
+    step: int | str | None = None
     out: str | None = None  # None: exports/<name>_step<S>/ under the project root
 
 
@@ -31,7 +31,8 @@ def run(cfg: DictConfig) -> Path:
     rc = typed(ReleaseConfig, cfg, "release")
     rd = RunDir(rc.name).require()
     setup_logging(rd.log_path("release"))
-    step = rc.step if rc.step is not None else rd.latest_step()
+    step = rd.resolve_step(rc.step)
+    step = step if step is not None else rd.latest_step()
     out = export_model(rd, step, Path(rc.out) if rc.out else PROJECT_ROOT / "exports" / f"{rd.name}_step{step}")
     print(f"{rd.name} step {step}: {out / WEIGHTS} and {out / CONFIG}")
     return out

@@ -34,7 +34,7 @@ class SensitivityConfig:
     """``conf/sensitivity.yaml``."""
 
     name: str = "???"
-    step: int | None = None  # None: newest checkpoint
+    step: int | str | None = None  # None: newest checkpoint
     target: float = 0.358  # total sparsity over the counted parameters
     sparsities: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     val_tokens: int = 20000  # validation tokens per measurement

@@ -28,7 +28,7 @@ class SoftLabelConfig:
     """Settings of the soft-labels stage."""
 
     name: str = "???"  # the teacher run
-    step: int | None = None  # teacher checkpoint; None = newest
+    step: int | str | None = None  # teacher checkpoint; None = newest
     topk: int = 30
     chunk_len: int = 4032  # tokens per teacher forward pass; memory is carried between chunks
     block_tokens: int = 65536  # flush + record progress about this often (rounded to whole chunks)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import fcntl
 import hashlib
 import io
@@ -33,12 +32,13 @@ import re
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import yaml
 
 from micronet.runs.config import MicronetError
+from micronet.runs.files import WriteError, atomic_write_bytes, atomic_write_text, write_error, write_json  # noqa: F401
 from micronet.runs.paths import PROJECT_ROOT, results_root
 
 log = logging.getLogger(__name__)
@@ -58,59 +58,6 @@ class GuardError(MicronetError):
 
 class CheckpointError(MicronetError):
     """A checkpoint is missing, corrupt, or does not fit the requested model."""
-
-
-class WriteError(MicronetError):
-    """A results file could not be written (disk full, read-only, ...); its previous version is intact."""
-
-    def __init__(self, message: str, errno_: int | None = None):
-        super().__init__(message)
-        self.errno = errno_
-
-
-def write_error(path: Path, e: OSError, doing: str = "writing") -> WriteError:
-    """One clear line for an OSError met while ``doing`` ``path`` (no space, quota, read-only, ...)."""
-    reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}.get(
-        e.errno, (e.strerror or str(e)).lower())
-    return WriteError(f"{reason} while {doing} {path}", e.errno)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never a part.
-
-    An OSError (ENOSPC, EROFS, ...) becomes :class:`WriteError` (one line); the temp file is removed.
-    """
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)  # a failed save leaves the old file intact and no temp behind
-        intact = f"; the previous {path.name} is intact" if path.exists() else ""
-        raise WriteError(f"{write_error(path, e)}{intact}", e.errno) from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a signal mid-save: the same
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Text version of :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Atomically write pretty JSON."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -288,8 +235,40 @@ class RunDir:
             raise CheckpointError(f"{str(e).split('; the previous')[0]}; {prev}") from e
         return path
 
-    def load(self, step: int | None = None, map_location: str | torch.device = "cpu") -> dict:
-        """Load checkpoint ``step``, or the newest good one (skipping damaged files with a warning)."""
+    def best_step(self) -> int:
+        """The checkpointed step with the lowest validation ppl in ``train_results.csv`` (the run's own
+        validation: what the recipe chooses on; test perplexity never chooses)."""
+        have = set(self.steps())
+        rows = []
+        if self.train_csv.exists():
+            for r in csv.DictReader(io.StringIO(self.train_csv.read_text(encoding="utf-8", errors="replace"))):
+                try:
+                    rows.append((float(r["val_ppl"]), int(r["step"])))
+                except (KeyError, TypeError, ValueError):
+                    continue  # a torn or foreign row
+        kept = [(ppl, s) for ppl, s in rows if s in have]
+        if not kept:
+            raise CheckpointError(f"step=best: {self.name} has no validation row for a kept checkpoint "
+                                  f"({self.train_csv.name}: {len(rows)} rows; checkpoints: {sorted(have) or 'none'})")
+        return min(kept)[1]
+
+    def resolve_step(self, step: int | str | None) -> int | None:
+        """A config's ``step``: an int (or its digits), ``best`` (:meth:`best_step`), ``latest`` or None
+        (the newest checkpoint: None, which :meth:`load` resolves to the newest *good* one)."""
+        if step is None or isinstance(step, int):
+            return step
+        if isinstance(step, str) and step.strip().isdigit():
+            return int(step)
+        if step == "best":
+            return self.best_step()
+        if step == "latest":
+            return None
+        raise CheckpointError(f"step must be a step number, best or latest, got {step!r}")
+
+    def load(self, step: int | str | None = None, map_location: str | torch.device = "cpu") -> dict:
+        """Load checkpoint ``step`` (see :meth:`resolve_step`), or the newest good one (skipping damaged
+        files with a warning)."""
+        step = self.resolve_step(step)
         if step is not None:
             if not self.checkpoint_path(step).exists():
                 have = self.steps()

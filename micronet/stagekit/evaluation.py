@@ -33,7 +33,7 @@ class EvalConfig:
     """Settings of the evaluate stage."""
 
     name: str = "???"
-    step: int | None = None  # None: newest checkpoint
+    step: int | str | None = None  # None: newest checkpoint
     splits: list[str] = field(default_factory=lambda: ["valid", "test"])
     chunk_len: int = 4032  # tokens per forward pass; memory is carried between chunks
     device: str = "auto"

@@ -93,7 +93,18 @@ class Plan:
         return any(s.out == name for s in self.steps)
 
     def step_of(self, name: str, step: Any) -> int | None:
-        """``step`` if given, else the run's planned final step, else its newest checkpoint on disk."""
+        """``step`` if given, else the run's planned final step, else its newest checkpoint on disk.
+
+        ``best`` is the run's best-validation checkpoint once the run has validations on disk; before
+        that the plan can only name its final step (the pipeline plans again when it runs).
+        """
+        if step == "best":
+            rd = RunDir(name)
+            if rd.train_csv.exists() and rd.steps():
+                return rd.best_step()
+            step = None
+        elif step == "latest":
+            step = None
         if step is not None:
             return int(step)
         return self.final[name] if name in self.final else RunDir(name).latest_step()

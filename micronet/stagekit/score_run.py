@@ -27,7 +27,7 @@ class ScoreConfig:
     """``python -m micronet.score name=<run> [step=S] [convention=paper|strict] [n_cache=N]``."""
 
     name: str = "???"
-    step: int | None = None  # None: newest checkpoint
+    step: int | str | None = None  # None: newest checkpoint
     convention: str = "paper"
     n_cache: int | None = None  # None: the largest searched cache of that step (cache_step<S>_n<N>.yaml), else 0
     bits: int | None = None  # None: from the checkpoint (quantized runs), else 32

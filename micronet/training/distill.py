@@ -49,7 +49,7 @@ class DistillConfig:
 
     teacher: str | None = None  # results name of the teacher run
     topk: int = 30
-    step: int | None = None  # teacher step of the soft labels; None = newest complete set
+    step: int | str | None = None  # teacher step of the soft labels (or best); None = newest complete set
     hard_min: float = 0.5  # weight of the hard NLL at step 0 ...
     hard_max: float = 0.95  # ... rising linearly to this at the last step
 
@@ -103,11 +103,12 @@ class SoftLabels:
         return ids, probs
 
 
-def find_soft_labels(teacher: str, topk: int, step: int | None) -> Path:
+def find_soft_labels(teacher: str, topk: int, step: int | str | None) -> Path:
     """The directory of ``teacher``'s top-``topk`` soft labels at ``step`` (None: newest complete)."""
     rd = RunDir(teacher)
     if not rd.exists():
         raise SoftLabelError(f"no results directory {rd.path} for distill.teacher={teacher}")
+    step = rd.resolve_step(step)  # best: the teacher's best-validation checkpoint
     if step is not None:
         return soft_label_dir(rd, topk, step)
     found = sorted(((int(p.name.rsplit("step", 1)[1]), p) for p in (rd.path / "soft_labels").glob(f"top{topk}_step*")
