@@ -32,6 +32,7 @@ from micronet.runs.config import ConfigError, typed
 from micronet.runs.device import pick_device
 from micronet.runs.lineage import lineage, pruned_name, recorded_parent_step
 from micronet.runs.results import RunDir, atomic_write_text, code_version, truncate_csv
+from micronet.stagekit.released import require_run
 from micronet.stagekit.score_run import evaluate_and_score
 from micronet.training.config import OptimConfig, TrainConfig
 from micronet.training.trainer import Trainer
@@ -60,7 +61,7 @@ def run(cfg: DictConfig) -> dict:
     if train_cfg.steps < pcfg.every * pcfg.rounds:
         raise ConfigError(f"train.steps={train_cfg.steps} < prune.every x prune.rounds = {pcfg.every * pcfg.rounds}: "
                           "the final sparsity would never be reached")
-    parent = RunDir(st.name).require()
+    parent = require_run(st.name)  # a run, or a released model
     pick_device(train_cfg.device)  # an unavailable device fails before results/<name> exists
     rd = RunDir(pruned_name(pcfg.name, parent.name))
     with rd.guard("prune"):

@@ -35,6 +35,7 @@ from micronet.runs.device import pick_device
 from micronet.runs.lineage import lineage, quantized_name
 from micronet.runs.results import (CheckpointError, RunDir, atomic_write_text, code_version, searched_caches,
                                    truncate_csv, write_json)
+from micronet.stagekit.released import require_run
 from micronet.stagekit.score_run import evaluate_and_score
 from micronet.training.config import OptimConfig, TrainConfig
 from micronet.training.trainer import Trainer
@@ -86,7 +87,7 @@ def run(cfg: DictConfig) -> dict:
     qs = typed(QuantizeStageConfig, top, "quantize")
     qc = typed(QuantConfig, cfg.get("quant"), "quant")
     act_bits = qs.act_bits if qs.act_bits is not None else qs.bits
-    parent = RunDir(qs.name).require()
+    parent = require_run(qs.name)  # a run, or a released model
     ckpt = parent.load(qs.step)
     if ckpt.get("quant"):
         raise ConfigError(f"{parent.name} is already quantized; quantize its full-precision parent")

@@ -1,6 +1,7 @@
 """Stage: export a run's checkpoint as ``model.safetensors`` + ``config.json`` (:mod:`micronet.compress.release`).
 
-    python -m micronet.release name=<run> [step=S] [out=<dir>]        # default out: exports/<run>_step<S>/
+    python -m micronet.release name=<run> [step=S|best] [out=<dir>]   # default out: exports/<run>_step<S>/
+    python -m micronet.release name=<run> step=best publish=<name> [n_cache=N]   # release/<name>/ + MANIFEST.json
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from omegaconf import DictConfig
 from micronet.compress.release import CONFIG, WEIGHTS, export_model
 from micronet.runs.cli import setup_logging, stage_main
 from micronet.runs.config import typed
-from micronet.runs.paths import PROJECT_ROOT
+from micronet.runs.paths import PROJECT_ROOT, release_root
 from micronet.runs.results import RunDir
+from micronet.stagekit.released import publish
 
 
 @dataclass
@@ -24,6 +26,8 @@ class ReleaseConfig:
     name: str = "???"
     step: int | str | None = None
     out: str | None = None  # None: exports/<name>_step<S>/ under the project root
+    publish: str | None = None  # a release name: write release/<publish>/ and its MANIFEST.json entry instead
+    n_cache: int = 0  # with publish: the eval cache whose searched parameters, ppl and score the release carries
 
 
 def run(cfg: DictConfig) -> Path:
@@ -31,6 +35,11 @@ def run(cfg: DictConfig) -> Path:
     rc = typed(ReleaseConfig, cfg, "release")
     rd = RunDir(rc.name).require()
     setup_logging(rd.log_path("release"))
+    if rc.publish:
+        entry = publish(rd.name, rc.step, rc.publish, rc.n_cache)
+        print(f"{rd.name} step {entry['step']}: released as {release_root() / rc.publish} (MANIFEST.json: "
+              f"test ppl {entry['test_ppl']}, ci_check ppl {entry['ci_check']['ppl']:.4f})")
+        return release_root() / rc.publish
     step = rd.resolve_step(rc.step)
     step = step if step is not None else rd.latest_step()
     out = export_model(rd, step, Path(rc.out) if rc.out else PROJECT_ROOT / "exports" / f"{rd.name}_step{step}")

@@ -15,7 +15,7 @@ the dense weight exactly. Without micronet (README)::
     w = {k.removesuffix(".codes"): v * t[k[:-6] + ".scale"] if k.endswith(".codes") else v for k, v in t.items() if not k.endswith(".scale")}
 
 ``config.json``: ``format``, ``model_config`` and ``cache_config`` (the TransformerLM and its training
-cache), ``quant`` (null, or the quantization settings with ``act_quantizers``: name -> [scale, min, max]
+cache), ``data_config`` (the corpus it was trained on), ``quant`` (null, or the quantization settings with ``act_quantizers``: name -> [scale, min, max]
 of each activation fake quantizer) and ``source`` (run, step, lineage, code version).
 """
 
@@ -67,6 +67,7 @@ def export_model(run: str | RunDir, step: int | None, out_dir: str | Path) -> Pa
     atomic_write_bytes(out / WEIGHTS, st_save(tensors, metadata={"format": FORMAT}))
     write_json(out / CONFIG, {"format": FORMAT, "model_config": as_dict(model.cfg),
                               "cache_config": model_cache_config(model), "quant": quant,
+                              "data_config": ckpt.get("data_config"),
                               "source": {"run": rd.name, "step": int(ckpt["step"]), "lineage": ckpt.get("lineage"),
                                          "code": code_version()}})
     return out

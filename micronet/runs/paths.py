@@ -19,6 +19,11 @@ def results_root() -> Path:
     return Path(os.environ.get("MICRONET_RESULTS") or PROJECT_ROOT / "results").resolve()  # set but empty: default
 
 
+def release_root() -> Path:
+    """The released models shipped with the repository: ``release/<name>/`` and ``release/MANIFEST.json``."""
+    return Path(os.environ.get("MICRONET_RELEASE") or PROJECT_ROOT / "release").resolve()
+
+
 def data_root() -> Path:
     """Directory holding shipped archives, extracted raw text and token caches."""
     return Path(os.environ.get("MICRONET_DATA") or PROJECT_ROOT / "data").resolve()

@@ -23,6 +23,7 @@ from micronet.runs.cli import setup_logging
 from micronet.runs.config import typed
 from micronet.runs.device import pick_device
 from micronet.runs.results import CheckpointError, RunDir
+from micronet.stagekit.released import require_run
 
 T = TypeVar("T")
 
@@ -59,7 +60,7 @@ def open_stage(stage: str, cls: type[T], node: Any, *, guard: bool = False) -> I
     ``guard``: hold the directory for the whole stage (see :meth:`RunDir.guard`).
     """
     cfg = node if isinstance(node, cls) else typed(cls, node, stage)
-    rd = RunDir(cfg.name).require()
+    rd = require_run(cfg.name)  # a released model (release/<name>/) becomes a run the first time
     device = pick_device(getattr(cfg, "device", "cpu"))  # an unavailable device: one line, before guard and log
     with rd.guard(stage) if guard else contextlib.nullcontext():
         setup_logging(rd.log_path(stage))
