@@ -61,14 +61,18 @@ def test_publish_then_every_stage_takes_the_released_model(results_root, tmp_pat
     assert check_release_files() == [f"{release_root() / 'tiny' / 'config.json'}: sha256 differs from the manifest's"]
     (release_root() / "tiny" / "config.json").write_text((release_root() / "tiny" / "config.json").read_text()[:-1])
 
-    # The run is gone (a fresh clone): the manifest's command evaluates the released model.
+    # A fresh clone: the run's checkpoints are gone (a committed results folder holds its small files only);
+    # the manifest's command evaluates the released model.
     shutil.rmtree(RunDir("t").path)
+    RunDir("tiny").path.mkdir()
+    (RunDir("tiny").path / "config.yaml").write_text("committed: true\n")
     cmd = entry["command"].split()
     assert cmd[:3] == ["python", "-m", "micronet.evaluate"]
     out = evaluate.run(compose_cfg("evaluate", [*cmd[3:], "chunk_len=64"]))
     assert out["test"]["ppl"] == pytest.approx(ev["test"]["ppl"], rel=1e-6)
     assert (PROJECT_ROOT / entry["eval_json"]).name == RunDir("tiny").eval_path(6, 20).name
     assert RunDir("tiny").eval_path(6, 20).exists()  # with the released lambda/theta of cache 20
+    assert (RunDir("tiny").path / "config.yaml").read_text() == "committed: true\n"  # left as it was
     sc = score.run(compose_cfg("score", ["name=tiny", "n_cache=20"]))
     assert sc["test_ppl"] == out["test"]["ppl"]
     # ... and is a parent: prune it.

@@ -117,9 +117,13 @@ def publish(run: str, step: int | str | None, name: str, n_cache: int = 0, root:
 
 
 def materialise(name: str, root: Path | None = None) -> RunDir | None:
-    """``results/<name>/`` from ``release/<name>/`` when the run is absent and the release exists."""
+    """``results/<name>/`` from ``release/<name>/`` when the run has no checkpoint and the release exists.
+
+    A committed results folder of the released run (config.yaml, eval and score files, no checkpoint)
+    gains the checkpoint; files it already has are left as they are.
+    """
     rd, folder = RunDir(name), (root or release_root()) / name
-    if rd.exists() or not (folder / CONFIG).exists():
+    if rd.steps() or not (folder / CONFIG).exists():
         return None
     cfg = json.loads((folder / CONFIG).read_text())
     if cfg.get("quant"):
@@ -135,10 +139,12 @@ def materialise(name: str, root: Path | None = None) -> RunDir | None:
     with rd.guard("release"):
         rd.save(step, ckpt)
         for f in folder.glob("cache_step*_n*.yaml"):
-            shutil.copyfile(f, rd.path / f.name)
-        conf = {"name": name, "released": str(folder), "model": cfg["model_config"], "data": ckpt["data_config"],
-                "lineage": lineage}
-        atomic_write_text(rd.config_path, OmegaConf.to_yaml(conf))
+            if not (rd.path / f.name).exists():
+                shutil.copyfile(f, rd.path / f.name)
+        if not rd.config_path.exists():
+            conf = {"name": name, "released": str(folder), "model": cfg["model_config"], "data": ckpt["data_config"],
+                    "lineage": lineage}
+            atomic_write_text(rd.config_path, OmegaConf.to_yaml(conf))
     log.info("results/%s rebuilt from the released model %s", name, folder)
     return rd
 
