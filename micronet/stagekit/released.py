@@ -10,7 +10,7 @@ quantize, sensitivity and soft_labels read it as a trained run. Quantized releas
 elsewhere (:func:`micronet.compress.release.load_exported`); they do not become runs.
 
 The manifest lists per model: ``name``, ``files`` (path, bytes, sha256), ``params``, ``parent``, ``step``,
-``valid_ppl`` / ``test_ppl`` (full split, batch-1 online, with ``n_cache``), ``score_paper`` /
+``valid_ppl`` / ``test_ppl`` (full split, batch-1 online, with ``n_cache``; ``*_no_cache`` without), ``score_paper`` /
 ``score_strict``, ``command`` (evaluates it on the test split right after install) with ``eval_json``
 (where that command writes), and ``ci_check``: the ppl of the first ``tokens`` test tokens without a
 cache, which ``tests/test_release_manifest.py`` recomputes from the released files.
@@ -90,6 +90,7 @@ def publish(run: str, step: int | str | None, name: str, n_cache: int = 0, root:
         shutil.copyfile(src, folder / src.name)
         files.append(src.name)
     ev = json.loads(rd.eval_path(step, n_cache).read_text()) if rd.eval_path(step, n_cache).exists() else {}
+    ev0 = json.loads(rd.eval_path(step).read_text()) if rd.eval_path(step).exists() else {}  # without a cache
     sc = json.loads(rd.score_path(step).read_text()) if rd.score_path(step).exists() else {}
     if sc and (sc.get("settings") or {}).get("n_cache", n_cache) != n_cache:
         sc = {}  # a score of another cache size is not this release's
@@ -101,6 +102,7 @@ def publish(run: str, step: int | str | None, name: str, n_cache: int = 0, root:
         "params": count_parameters(model), "source_run": run, "step": step,
         "parent": (ckpt.get("lineage") or {}).get("parent"), "n_cache": n_cache,
         "valid_ppl": (ev.get("valid") or {}).get("ppl"), "test_ppl": (ev.get("test") or {}).get("ppl"),
+        "valid_ppl_no_cache": (ev0.get("valid") or {}).get("ppl"), "test_ppl_no_cache": (ev0.get("test") or {}).get("ppl"),
         "score_paper": ((sc.get("conventions") or {}).get("paper") or {}).get("score"),
         "score_strict": ((sc.get("conventions") or {}).get("strict") or {}).get("score"),
         "command": f"python -m micronet.evaluate name={name} splits=[test]" + (f" n_cache={n_cache}" if n_cache else ""),
