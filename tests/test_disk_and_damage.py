@@ -15,7 +15,7 @@ import pytest
 
 from conftest import compose_cfg
 from micronet import train
-from micronet.runs import results
+from micronet.runs import files, results
 from micronet.runs.config import MicronetError
 from micronet.runs.results import CheckpointError, RunDir, WriteError, truncate_csv
 from test_reliability import TRAIN, assert_same_run, guard_is_free, start, tail, temp_files  # noqa: F401
@@ -49,7 +49,8 @@ def full_disk(monkeypatch, when: Callable[[Path], bool]) -> None:
         f = real_open(path, *a, **k)
         return Full(f) if when(Path(path)) else f
 
-    monkeypatch.setattr(results, "open", fake_open, raising=False)  # the module's writes only
+    for module in (results, files):  # their writes only (atomic writes live in micronet.runs.files)
+        monkeypatch.setattr(module, "open", fake_open, raising=False)
 
 
 @pytest.mark.parametrize("target", ["checkpoint", "csv", "config"])
@@ -79,7 +80,8 @@ def test_a_full_disk_fails_cleanly_and_keeps_the_previous_files(results_root, mo
     assert rd.load()["step"] == 4 and rd.steps() == [2, 4]
     for p, data in before.items():
         assert p.read_bytes() == data, p
-    monkeypatch.setattr(results, "open", open, raising=False)  # space again: the run resumes and ends as if whole
+    for module in (results, files):  # space again: the run resumes and ends as if whole
+        monkeypatch.setattr(module, "open", open, raising=False)
     train.run(compose_cfg("train", ["name=d", *TRAIN]))
     train.run(compose_cfg("train", ["name=whole", *TRAIN]))
     assert_same_run(RunDir("whole"), rd, 6)
