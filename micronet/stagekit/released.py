@@ -18,7 +18,6 @@ cache, which ``tests/test_release_manifest.py`` recomputes from the released fil
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -30,6 +29,7 @@ from omegaconf import OmegaConf
 from micronet.compress.checkpoint import load_model
 from micronet.compress.release import CONFIG, WEIGHTS, dense_weights, export_model, load_exported
 from micronet.data.corpus import DataConfig, load_corpus
+from micronet.data.fetch import sha256_file
 from micronet.model.evaluation import evaluate_stream
 from micronet.model.transformer import count_parameters
 from micronet.runs.config import MicronetError, typed
@@ -40,14 +40,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 CI_TOKENS = 2000  # test tokens of the manifest's ci_check (small enough for CI)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest(root: Path | None = None) -> dict:
@@ -98,7 +90,7 @@ def publish(run: str, step: int | str | None, name: str, n_cache: int = 0, root:
     eval_json = f"results/{name}/{rd.eval_path(step, n_cache).name}"
     entry = {
         "name": name, "files": [{"path": f"{name}/{f}", "bytes": (folder / f).stat().st_size,
-                                 "sha256": _sha256(folder / f)} for f in files],
+                                 "sha256": sha256_file(folder / f)} for f in files],
         "params": count_parameters(model), "source_run": run, "step": step,
         "parent": (ckpt.get("lineage") or {}).get("parent"), "n_cache": n_cache,
         "valid_ppl": (ev.get("valid") or {}).get("ppl"), "test_ppl": (ev.get("test") or {}).get("ppl"),
@@ -137,7 +129,7 @@ def materialise(name: str, root: Path | None = None) -> RunDir | None:
                "parent_lineage": src.get("lineage")}
     ckpt = {"step": step, "model": dense_weights(folder), "model_config": cfg["model_config"],
             "cache_config": cfg["cache_config"], "data_config": cfg.get("data_config") or {}, "lineage": lineage,
-            "released": {"name": name, "sha256": _sha256(folder / WEIGHTS)}}
+            "released": {"name": name, "sha256": sha256_file(folder / WEIGHTS)}}
     with rd.guard("release"):
         rd.save(step, ckpt)
         for f in folder.glob("cache_step*_n*.yaml"):
@@ -166,7 +158,7 @@ def check_release_files(root: Path | None = None) -> list[str]:
             p = root / f["path"]
             if not p.is_file():
                 bad.append(f"{p} is missing")
-            elif _sha256(p) != f["sha256"]:
+            elif sha256_file(p) != f["sha256"]:
                 bad.append(f"{p}: sha256 differs from the manifest's")
     return bad
 

@@ -29,7 +29,7 @@ from micronet.runs.config import ConfigError, MicronetError, as_dict
 from micronet.runs.device import pick_device
 from micronet.runs.progress import bar
 from micronet.runs.results import CheckpointError, RunDir, append_csv_row, code_version, truncate_csv
-from micronet.training import distributed
+import micronet.training.distributed as distributed  # the module, not the package (whose __init__ imports this one)
 from micronet.training.config import OptimConfig, TrainConfig, lr_at, resolve_amp, same_model
 from micronet.training.distill import Distiller
 
