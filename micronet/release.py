@@ -2,6 +2,7 @@
 
     python -m micronet.release name=<run> [step=S|best] [out=<dir>]   # default out: exports/<run>_step<S>/
     python -m micronet.release name=<run> step=best publish=<name> [n_cache=N]   # release/<name>/ + MANIFEST.json
+    python -m micronet.release name=<release> withdraw=true            # remove release/<name>/ and its entry
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from micronet.runs.cli import setup_logging, stage_main
 from micronet.runs.config import typed
 from micronet.runs.paths import PROJECT_ROOT, release_root
 from micronet.runs.results import RunDir
-from micronet.stagekit.released import publish
+from micronet.stagekit.released import publish, withdraw
 
 
 @dataclass
@@ -28,11 +29,16 @@ class ReleaseConfig:
     out: str | None = None  # None: exports/<name>_step<S>/ under the project root
     publish: str | None = None  # a release name: write release/<publish>/ and its MANIFEST.json entry instead
     n_cache: int = 0  # with publish: the eval cache whose searched parameters, ppl and score the release carries
+    withdraw: bool = False  # remove release/<name>/ and its manifest entry instead
 
 
 def run(cfg: DictConfig) -> Path:
     """The ``python -m micronet.release`` stage: export a run's checkpoint; returns the folder."""
     rc = typed(ReleaseConfig, cfg, "release")
+    if rc.withdraw:
+        withdraw(rc.name)
+        print(f"withdrew {release_root() / rc.name} and its MANIFEST.json entry")
+        return release_root() / rc.name
     rd = RunDir(rc.name).require()
     setup_logging(rd.log_path("release"))
     if rc.publish:

@@ -4,14 +4,15 @@ is a parent every stage accepts."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 
 import pytest
 
 from conftest import TINY_MODEL, TINY_TRAIN, compose_cfg
 from test_prune import PRUNE_TINY
-from micronet import cache_search, evaluate, prune, release, score, train
+from micronet import cache_search, evaluate, prune, quantize, release, score, train
+from micronet.compress.checkpoint import load_model
+from micronet.compress.export import same_weights
 from micronet.runs.config import MicronetError
 from micronet.runs.paths import PROJECT_ROOT, release_root
 from micronet.runs.results import RunDir
@@ -73,18 +74,45 @@ def test_publish_then_every_stage_takes_the_released_model(results_root, tmp_pat
     assert (PROJECT_ROOT / entry["eval_json"]).name == RunDir("tiny").eval_path(6, 20).name
     assert RunDir("tiny").eval_path(6, 20).exists()  # with the released lambda/theta of cache 20
     assert (RunDir("tiny").path / "config.yaml").read_text() == "committed: true\n"  # left as it was
-    sc = score.run(compose_cfg("score", ["name=tiny", "n_cache=20"]))
+    assert RunDir("tiny").best_step() == 6  # released at its best step; its training log did not ship
+    sc = score.run(compose_cfg("score", ["name=tiny", "step=best", "n_cache=20"]))
     assert sc["test_ppl"] == out["test"]["ppl"]
     # ... and is a parent: prune it.
     prune.run(compose_cfg("prune", ["name=tiny", "prune='0.358'", *PRUNE_TINY]))
     assert RunDir("prune0.358_tiny").steps() == [3, 6]
 
 
-def test_a_quantized_release_is_refused_as_a_run_in_one_line(results_root, tmp_path, monkeypatch):
+def test_a_quantized_release_ships_packed_and_is_a_run_again(results_root, tmp_path, monkeypatch):
+    """prune -> quantize (9 bits) -> publish: the release holds packed.safetensors (no dense int16 codes);
+    after the runs are gone, the manifest's command evaluates it to the quantize run's ppl, the score is the
+    same, and the rebuilt run's effective weights are the quantize run's, bit for bit."""
     monkeypatch.setenv("MICRONET_RELEASE", str(tmp_path / "release"))
-    folder = tmp_path / "release" / "q"
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"format": "micronet-model-1", "quant": {"bits": 9}}))
-    with pytest.raises(MicronetError, match=re.escape("release/q is a quantized model")):
-        evaluate.run(compose_cfg("evaluate", ["name=q"]))
-    assert not RunDir("q").exists()
+    train.run(compose_cfg("train", ["name=t", *TINY_MODEL, *TINY_TRAIN]))
+    prune.run(compose_cfg("prune", ["name=t", "prune='0.358'", *PRUNE_TINY]))
+    q = "quantize_prune0.358_t_step6_cache0_bits9"
+    quantize.run(compose_cfg("quantize", ["name=prune0.358_t", "bits=9", "quant.calib_batches=2",
+                                          "quant.calib_chunk_len=32", "eval_splits=[test]", "eval_chunk_len=64"]))
+    ev = json.loads(RunDir(q).eval_path(1).read_text())
+    sc = json.loads(RunDir(q).score_path(1).read_text())
+    original, _ = load_model(RunDir(q), 1)
+    release.run(compose_cfg("release", ["name=" + q, "publish=tq"]))
+    (entry,) = read_manifest()["models"]
+    assert {f["path"] for f in entry["files"]} == {"tq/packed.safetensors", "tq/config.json"}
+    assert entry["test_ppl"] == ev["test"]["ppl"] and entry["parent"] == "prune0.358_t"
+    assert entry["score_paper"] == sc["conventions"]["paper"]["score"]
+    assert entry["ci_check"]["ppl"] == pytest.approx(slice_ppl(release_root() / "tq"), rel=1e-6)
+
+    for name in ("t", "prune0.358_t", q):
+        shutil.rmtree(RunDir(name).path)
+    cmd = entry["command"].split()
+    out = evaluate.run(compose_cfg("evaluate", [*cmd[3:], "chunk_len=64"]))
+    assert out["test"]["ppl"] == pytest.approx(ev["test"]["ppl"], rel=1e-6)
+    rebuilt, ckpt = load_model(RunDir("tq"), None)
+    assert ckpt["quant"]["bits"] == 9 and same_weights(rebuilt, original)
+    rescored = score.run(compose_cfg("score", ["name=tq"]))
+    assert rescored["conventions"]["paper"]["score"] == pytest.approx(sc["conventions"]["paper"]["score"], rel=1e-12)
+
+    release.run(compose_cfg("release", ["name=tq", "withdraw=true"]))
+    assert read_manifest()["models"] == [] and not (release_root() / "tq").exists()
+    with pytest.raises(MicronetError, match="lists no model 'tq'"):
+        release.run(compose_cfg("release", ["name=tq", "withdraw=true"]))

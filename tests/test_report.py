@@ -321,6 +321,20 @@ def test_the_committed_results_behind_the_readme_figures():
     assert "planned run(s) not started are not shown" in report.runs_table(rows)
 
 
+def test_the_committed_reference_lineage_behind_its_readme_figure():
+    """The converged lineage's figure: trained -> pruned -> quantized, one WikiText-2 panel, each point at the
+    cache its score counts, every label legible; the pruned run's curve continues from its parent's tokens."""
+    rows = [r for r in report.collect_runs(root=PROJECT_ROOT / "results") if r["name"] in report.REFERENCE_RUNS]
+    if len([r for r in rows if r["score_file"]]) < len(report.REFERENCE_RUNS):
+        pytest.skip("the reference lineage is not committed yet")
+    (panel,) = report.ppl_score_data(rows)["panels"]
+    assert panel["dataset"] == "wikitext-2" and len(panel["points"]) == 3
+    assert_labels_readable(report.plot_ppl_vs_score(rows).axes[0], 3)
+    curves = report.curve_data(list(report.REFERENCE_RUNS[:2]), PROJECT_ROOT / "results")
+    assert [c["name"] for c in curves] == list(report.REFERENCE_RUNS[:2])
+    assert curves[1]["tokens"][0] > curves[0]["tokens"][-1]  # the fine-tune continues from its parent's tokens
+
+
 def test_split_statistics_on_a_small_corpus():
     vocab = ["the", "<eos>", "<unk>", "a", "b", "c"]
     arr = {"train": np.array([0, 0, 1, 2, 3, 4, 5, 1], np.int32), "valid": np.array([0, 2, 2, 1], np.int32),

@@ -51,6 +51,8 @@ CACHE_MARKERS = ("o", "D", "^", "s", "v", "P", "X")
 README_RUNS = ("wt2_8.3M", "wt2_8.3M_cache2000_hebbian", "prune0.358_wt2_8.3M",
                "quantize_prune0.358_wt2_8.3M_step300_cache2000_bits9")
 """The runs of the README's perplexity-vs-score figure and the table beside it (the WikiText-2 pipeline)."""
+REFERENCE_RUNS = ("wt2ref_8.3M", "prune0.358_wt2ref_8.3M", "quantize_prune0.358_wt2ref_8.3M_step300_cache2000_bits9")
+"""The converged reference lineage (issue 15): its figures beside the 1-epoch pipeline's."""
 
 # ----------------------------------------------------------------------------- perplexity vs score
 
@@ -319,12 +321,19 @@ def plot_training_curves(names: Sequence[str | Mapping] | None = None, root: str
 def readme_figures(root: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
                    names: Sequence[str] = README_RUNS, convention: str = "paper") -> dict[str, Path]:
     """Regenerate the README's figures from the runs under ``root`` into ``out_dir`` (default
-    ``docs/``): perplexity vs score of ``names`` and the sparsity x bits sweep of every run."""
+    ``docs/``): perplexity vs score of ``names``, the sparsity x bits sweep of every run, and, once its runs
+    exist, perplexity vs score and the validation curves of the reference lineage (:data:`REFERENCE_RUNS`)."""
     out = Path(out_dir) if out_dir is not None else PROJECT_ROOT / "docs"
     rows = collect_runs(root=root)
     picked = [r for r in rows if r["name"] in set(names)]
-    return {"ppl_vs_score": save_figure(plot_ppl_vs_score(picked, convention), out / "wt2_ppl_vs_score.png"),
-            "sweep": save_figure(plot_sweep(rows, convention), out / "wt2_sweep.png")}
+    ref = [r for r in rows if r["name"] in set(REFERENCE_RUNS)]
+    figures = {"ppl_vs_score": save_figure(plot_ppl_vs_score(picked, convention), out / "wt2_ppl_vs_score.png"),
+               "sweep": save_figure(plot_sweep(rows, convention), out / "wt2_sweep.png")}
+    if ref:
+        figures["ref_ppl_vs_score"] = save_figure(plot_ppl_vs_score(ref, convention), out / "wt2ref_ppl_vs_score.png")
+        figures["ref_curves"] = save_figure(plot_training_curves([r["name"] for r in ref if r["name"] != REFERENCE_RUNS[-1]],
+                                                                 root), out / "wt2ref_curves.png")
+    return figures
 
 
-__all__ = ["CACHE_MARKERS", "PPL_TARGET", "README_RUNS", "REFERENCE_DATASET", "STAGE_COLORS", "STAGE_NAMES", "component_data", "curve_data", "load_score", "plot_components", "plot_ppl_vs_score", "plot_training_curves", "ppl_score_data", "readme_figures", "short_label"]
+__all__ = ["CACHE_MARKERS", "PPL_TARGET", "README_RUNS", "REFERENCE_RUNS", "REFERENCE_DATASET", "STAGE_COLORS", "STAGE_NAMES", "component_data", "curve_data", "load_score", "plot_components", "plot_ppl_vs_score", "plot_training_curves", "ppl_score_data", "readme_figures", "short_label"]

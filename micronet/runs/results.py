@@ -247,10 +247,19 @@ class RunDir:
                 except (KeyError, TypeError, ValueError):
                     continue  # a torn or foreign row
         kept = [(ppl, s) for ppl, s in rows if s in have]
+        if not kept and len(have) == 1 and self._released(next(iter(have))):
+            return next(iter(have))  # a released model (published at its best step) rebuilt without its log
         if not kept:
             raise CheckpointError(f"step=best: {self.name} has no validation row for a kept checkpoint "
                                   f"({self.train_csv.name}: {len(rows)} rows; checkpoints: {sorted(have) or 'none'})")
         return min(kept)[1]
+
+    def _released(self, step: int) -> bool:
+        """Whether checkpoint ``step`` was rebuilt from a released model (a damaged file: no)."""
+        try:
+            return bool(load_checkpoint_file(self.checkpoint_path(step)).get("released"))
+        except CheckpointError:
+            return False
 
     def resolve_step(self, step: int | str | None) -> int | None:
         """A config's ``step``: an int (or its digits), ``best`` (:meth:`best_step`), ``latest`` or None

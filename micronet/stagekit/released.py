@@ -6,8 +6,9 @@
 A released model is a run's checkpoint without optimizer state. Any stage given its name finds it:
 :func:`require_run` writes ``results/<name>/`` (config.yaml, one checkpoint of the dense weights, the
 searched cache parameters) from the release the first time, so evaluate, score, cache_search, prune,
-quantize, sensitivity and soft_labels read it as a trained run. Quantized releases are for use
-elsewhere (:func:`micronet.compress.release.load_exported`); they do not become runs.
+quantize, sensitivity and soft_labels read it as a trained run. A quantized release ships its bit-packed
+``packed.safetensors`` and becomes a quantized run (:func:`micronet.compress.release.quantized_state`,
+checked bit-identical to the export), so evaluate, cache_search and score take it too.
 
 The manifest lists per model: ``name``, ``files`` (path, bytes, sha256), ``params``, ``parent``, ``step``,
 ``valid_ppl`` / ``test_ppl`` (full split, batch-1 online, with ``n_cache``; ``*_no_cache`` without), ``score_paper`` /
@@ -27,7 +28,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from micronet.compress.checkpoint import load_model
-from micronet.compress.release import CONFIG, WEIGHTS, dense_weights, export_model, load_exported
+from micronet.compress.release import CONFIG, dense_weights, export_model, load_exported, quantized_state
 from micronet.data.corpus import DataConfig, load_corpus
 from micronet.data.fetch import sha256_file
 from micronet.model.evaluation import evaluate_stream
@@ -72,8 +73,8 @@ def publish(run: str, step: int | str | None, name: str, n_cache: int = 0, root:
     folder = root / name
     if folder.exists():
         shutil.rmtree(folder)  # a release is rewritten whole, never patched
-    export_model(rd, step, folder)
-    files = [WEIGHTS, CONFIG]
+    export_model(rd, step, folder, packed=True)
+    files = [json.loads((folder / CONFIG).read_text())["weights"], CONFIG]
     if n_cache:
         src = rd.cache_params_path(step, n_cache)
         if not src.exists():
@@ -120,16 +121,17 @@ def materialise(name: str, root: Path | None = None) -> RunDir | None:
     if rd.steps() or not (folder / CONFIG).exists():
         return None
     cfg = json.loads((folder / CONFIG).read_text())
-    if cfg.get("quant"):
-        raise MicronetError(f"release/{name} is a quantized model: load it with micronet.compress.release."
-                            f"load_exported('{folder}'); only full-precision releases become runs")
     src = cfg.get("source") or {}
     step = int(src.get("step", 0))
     lineage = {"stage": "release", "parent": src.get("run"), "parent_step": step,
                "parent_lineage": src.get("lineage")}
-    ckpt = {"step": step, "model": dense_weights(folder), "model_config": cfg["model_config"],
-            "cache_config": cfg["cache_config"], "data_config": cfg.get("data_config") or {}, "lineage": lineage,
-            "released": {"name": name, "sha256": sha256_file(folder / WEIGHTS)}}
+    ckpt = {"step": step, "model_config": cfg["model_config"], "cache_config": cfg["cache_config"],
+            "data_config": cfg.get("data_config") or {}, "lineage": lineage,
+            "released": {"name": name, "sha256": sha256_file(folder / cfg.get("weights", "model.safetensors"))}}
+    if cfg.get("quant"):  # the quantized run's structure (masks, quantizers) rebuilt around the packed codes
+        ckpt["model"], ckpt["quant"] = quantized_state(folder)
+    else:
+        ckpt["model"] = dense_weights(folder)
     with rd.guard("release"):
         rd.save(step, ckpt)
         for f in folder.glob("cache_step*_n*.yaml"):
@@ -147,6 +149,18 @@ def require_run(name: str) -> RunDir:
     """:meth:`RunDir.require`, rebuilding the run from ``release/<name>/`` first if it is a released model."""
     materialise(name)
     return RunDir(name).require()
+
+
+def withdraw(name: str, root: Path | None = None) -> None:
+    """Remove ``release/<name>/`` and its manifest entry (a model the budget no longer holds; git keeps it)."""
+    root = root or release_root()
+    manifest = read_manifest(root)
+    if not any(m["name"] == name for m in manifest["models"]):
+        raise MicronetError(f"{root / MANIFEST} lists no model {name!r}")
+    shutil.rmtree(root / name, ignore_errors=True)
+    manifest["models"] = [m for m in manifest["models"] if m["name"] != name]
+    write_json(root / MANIFEST, manifest)
+    log.info("withdrew the released model %s", name)
 
 
 def check_release_files(root: Path | None = None) -> list[str]:
