@@ -328,7 +328,8 @@ def readme_figures(root: str | os.PathLike | None = None, out_dir: str | os.Path
     picked = [r for r in rows if r["name"] in set(names)]
     ref = [r for r in rows if r["name"] in set(REFERENCE_RUNS)]
     figures = {"ppl_vs_score": save_figure(plot_ppl_vs_score(picked, convention), out / "wt2_ppl_vs_score.png"),
-               "sweep": save_figure(plot_sweep(rows, convention), out / "wt2_sweep.png")}
+               "sweep": save_figure(plot_sweep([r for r in rows if r["name"] not in REFERENCE_RUNS], convention),
+                                    out / "wt2_sweep.png")}  # the 1-epoch sweep; the reference lineage has its own figure
     if ref:
         figures["ref_ppl_vs_score"] = save_figure(plot_ppl_vs_score(ref, convention), out / "wt2ref_ppl_vs_score.png")
         figures["ref_curves"] = save_figure(plot_training_curves([r["name"] for r in ref if r["name"] != REFERENCE_RUNS[-1]],
