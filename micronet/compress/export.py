@@ -33,7 +33,8 @@ from safetensors.numpy import save as st_save
 from torch import nn
 
 from micronet.compress.prune import locate
-from micronet.compress.quantize import WeightQuant, act_quantizers, attach_act_quantizers, levels, quantized_weights
+from micronet.compress.quantize import (WeightQuant, act_quantizers, attach_act_quantizers, levels, prepare,
+                                       quantized_weights)
 from micronet.model.cache import CacheConfig, attach_cache, model_cache
 from micronet.model.transformer import ModelConfig, TransformerLM
 from micronet.runs.config import MicronetError, as_dict
@@ -167,7 +168,29 @@ def export_packed(model: TransformerLM, path: Path, quant: dict, lineage: dict |
             "act_names": act_names}
     blob = st_save(tensors, metadata={k: json.dumps(v, separators=(",", ":")) for k, v in meta.items()})
     atomic_write_bytes(Path(path), blob)
+    if not same_weights(model, load_packed(Path(path))):
+        raise MicronetError(f"{path} does not reproduce the quantized weights (export bug)")
     return len(blob)
+
+
+def requantize(ref: TransformerLM, bits: int, act_bits: int, masked: list[str],
+               ema: float = 0.999) -> tuple[TransformerLM, dict]:
+    """A fake-quantized model (:func:`micronet.compress.quantize.prepare`) rebuilt from ``ref``, a dequantized
+    export (:func:`load_packed`, a legacy ``model.mnq``): its weights, a mask of the nonzeros on each ``masked``
+    weight, its activation ranges; eval mode, checked bit-identical to ``ref``. Returns it and ``ckpt["quant"]``."""
+    model = TransformerLM(ref.cfg)
+    attach_cache(model, CacheConfig(**model_cache_config(ref)))
+    with torch.no_grad():
+        dense = {n: effective(ref, n).clone() for n in plain_names(ref)}
+    model.load_state_dict(dense)
+    record = prepare(model, bits, act_bits, ema, {n: dense[n] != 0 for n in masked})
+    refs = dict(act_quantizers(ref))
+    for name, q in act_quantizers(model):  # the same names: attach_act_quantizers' fixed order
+        q.load_state_dict(refs[name].state_dict())
+    model.eval()
+    if not same_weights(model, ref):
+        raise MicronetError("the rebuilt quantized model differs from the export it was rebuilt from")
+    return model, record
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict]:
@@ -229,5 +252,5 @@ def same_weights(a: TransformerLM, b: TransformerLM) -> bool:
     return len(qa) == len(qb) and all(torch.equal(x.scale.cpu(), y.scale.cpu()) for (_, x), (_, y) in zip(qa, qb))
 
 
-__all__ = ["export_packed", "load_packed", "pack_codes", "read_safetensors", "same_weights",
+__all__ = ["export_packed", "load_packed", "pack_codes", "read_safetensors", "requantize", "same_weights",
            "unpack_codes", "weight_codes"]

@@ -38,9 +38,9 @@ import torch
 
 from micronet.model.cache import CacheConfig, attach_cache
 from micronet.runs.config import MicronetError
-from micronet.compress.export import effective, export_packed, load_packed, same_weights, set_act_quantizers, unpack_codes
+from micronet.compress.export import effective, export_packed, requantize, set_act_quantizers, unpack_codes
 from micronet.model.transformer import ModelConfig, TransformerLM
-from micronet.compress.quantize import act_quantizers, prepare, quantized_weights
+from micronet.compress.quantize import quantized_weights
 
 MAGIC = b"MNQ1"
 
@@ -92,15 +92,10 @@ def convert_mnq(path: Path, out: Path) -> int:
     """Rewrite a ``model.mnq`` as ``packed.safetensors`` at ``out`` (verified: identical weights and
     activation ranges); returns the new file's size. Zero weights become masks, so they stay zero."""
     header = json.loads(Path(path).read_bytes()[8 : 8 + struct.unpack("<I", Path(path).read_bytes()[4:8])[0]])
-    old, model = load_mnq(path), load_mnq(path)
-    masks = {n: effective(model, n) != 0 for n in quantized_weights(model) if not effective(model, n).all()}
-    info = prepare(model, int(header["bits"]), int(header["act_bits"]), masks=masks)  # code x scale: the identity
-    for (_, a), (_, b) in zip(act_quantizers(model), act_quantizers(old)):
-        a.load_state_dict(b.state_dict())
-    size = export_packed(model.eval(), out, {**info, "converted_from": Path(path).name})
-    if not same_weights(old, load_packed(out)):
-        raise MicronetError(f"{path}: the converted {out} does not reproduce its weights")
-    return size
+    old = load_mnq(path)
+    masked = [n for n in quantized_weights(old) if not effective(old, n).all()]
+    model, info = requantize(old, int(header["bits"]), int(header["act_bits"]), masked)  # code x scale: the identity
+    return export_packed(model, out, {**info, "converted_from": Path(path).name})  # verified by reloading
 
 
 __all__ = ["convert_mnq", "is_mnq", "load_mnq"]

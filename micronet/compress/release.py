@@ -37,10 +37,10 @@ from micronet.model.cache import CacheConfig, attach_cache
 from micronet.runs.config import MicronetError, as_dict
 from micronet.compress.checkpoint import load_model
 from micronet.compress.export import (act_records, broadcast_scales, effective, export_packed, load_packed,
-                                     model_cache_config, plain_names, read_safetensors, same_weights,
+                                     model_cache_config, plain_names, read_safetensors, requantize,
                                      set_act_quantizers, weight_codes)
 from micronet.model.transformer import ModelConfig, TransformerLM
-from micronet.compress.quantize import act_quantizers, prepare, quantized_weights
+from micronet.compress.quantize import quantized_weights
 from micronet.runs.results import RunDir, atomic_write_bytes, code_version, write_json
 
 FORMAT = "micronet-model-1"
@@ -74,9 +74,7 @@ def export_model(run: str | RunDir, step: int | None, out_dir: str | Path, packe
     quant, out = ckpt.get("quant"), Path(out_dir)
     if quant and packed:
         weights = PACKED
-        export_packed(model, out / PACKED, quant, ckpt.get("lineage"))
-        if not same_weights(model, load_packed(out / PACKED)):
-            raise MicronetError(f"{out / PACKED} does not reproduce the quantized weights (export bug)")
+        export_packed(model, out / PACKED, quant, ckpt.get("lineage"))  # verified by reloading
     else:
         weights = WEIGHTS
         atomic_write_bytes(out / WEIGHTS, st_save(_tensors(model, quant), metadata={"format": FORMAT}))
@@ -127,29 +125,16 @@ def load_exported(out_dir: str | Path) -> TransformerLM:
 
 
 def quantized_state(out_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The state dict and ``ckpt["quant"]`` record of a quantized export, as its run held them: the
-    structure of :func:`micronet.compress.quantize.prepare` (each masked weight's mask = its nonzero codes,
-    so the scorer counts the same nonzeros), the export's weights and activation ranges; checked to give
-    bit-identical effective weights and activation scales."""
+    """The state dict and ``ckpt["quant"]`` record of a quantized export, as its run held them
+    (:func:`micronet.compress.export.requantize`: each masked weight's mask = its nonzero codes, so the
+    scorer counts the same nonzeros; checked bit-identical to the export)."""
     out = Path(out_dir)
-    cfg = json.loads((out / CONFIG).read_text())
-    quant = {k: v for k, v in (cfg.get("quant") or {}).items() if k != "act_quantizers"}
+    quant = {k: v for k, v in (json.loads((out / CONFIG).read_text()).get("quant") or {}).items()
+             if k != "act_quantizers"}
     if not quant:
         raise MicronetError(f"{out} holds a full-precision model, not a quantized one")
-    ref = load_exported(out)
-    model = TransformerLM(ModelConfig(**cfg["model_config"]))
-    attach_cache(model, CacheConfig(**cfg["cache_config"]))
-    with torch.no_grad():
-        dense = {n: effective(ref, n).clone() for n in plain_names(ref)}
-    model.load_state_dict(dense)
-    prepare(model, int(quant["bits"]), int(quant["act_bits"]), float(quant.get("ema", 0.999)),
-            {n: dense[n] != 0 for n in quant.get("masked", [])})
-    refs = dict(act_quantizers(ref))
-    for name, q in act_quantizers(model):  # the same fixed order (attach_act_quantizers)
-        q.load_state_dict(refs[name].state_dict())
-    model.eval()
-    if not same_weights(model, ref):
-        raise MicronetError(f"{out}: the rebuilt quantized model differs from the export")
+    model, _ = requantize(load_exported(out), int(quant["bits"]), int(quant["act_bits"]), quant.get("masked", []),
+                          float(quant.get("ema", 0.999)))
     return model.state_dict(), quant
 
 

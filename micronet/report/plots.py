@@ -332,8 +332,8 @@ def readme_figures(root: str | os.PathLike | None = None, out_dir: str | os.Path
                                     out / "wt2_sweep.png")}  # the 1-epoch sweep; the reference lineage has its own figure
     if ref:
         figures["ref_ppl_vs_score"] = save_figure(plot_ppl_vs_score(ref, convention), out / "wt2ref_ppl_vs_score.png")
-        figures["ref_curves"] = save_figure(plot_training_curves([r["name"] for r in ref if r["name"] != REFERENCE_RUNS[-1]],
-                                                                 root), out / "wt2ref_curves.png")
+        figures["ref_curves"] = save_figure(plot_training_curves([r["name"] for r in ref], root),
+                                            out / "wt2ref_curves.png")  # runs without a training log are skipped
     return figures
 
 

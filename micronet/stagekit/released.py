@@ -28,7 +28,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from micronet.compress.checkpoint import load_model
-from micronet.compress.release import CONFIG, dense_weights, export_model, load_exported, quantized_state
+from micronet.compress.release import CONFIG, WEIGHTS, dense_weights, export_model, load_exported, quantized_state
 from micronet.data.corpus import DataConfig, load_corpus
 from micronet.data.fetch import sha256_file
 from micronet.model.evaluation import evaluate_stream
@@ -127,7 +127,7 @@ def materialise(name: str, root: Path | None = None) -> RunDir | None:
                "parent_lineage": src.get("lineage")}
     ckpt = {"step": step, "model_config": cfg["model_config"], "cache_config": cfg["cache_config"],
             "data_config": cfg.get("data_config") or {}, "lineage": lineage,
-            "released": {"name": name, "sha256": sha256_file(folder / cfg.get("weights", "model.safetensors"))}}
+            "released": {"name": name, "sha256": sha256_file(folder / cfg.get("weights", WEIGHTS))}}
     if cfg.get("quant"):  # the quantized run's structure (masks, quantizers) rebuilt around the packed codes
         ckpt["model"], ckpt["quant"] = quantized_state(folder)
     else:
