@@ -335,6 +335,25 @@ def test_the_committed_reference_lineage_behind_its_readme_figure():
     assert curves[1]["tokens"][0] > curves[0]["tokens"][-1]  # the fine-tune continues from its parent's tokens
 
 
+def test_the_readme_distillation_table_is_the_two_training_logs():
+    """The README's distillation rows (student alone vs distilled, same steps, seed and data order) are the
+    committed training logs' validations at each step, and the distilled run is lower at every one."""
+    logs = {n: {int(r["step"]): r for r in report.read_training_curve(PROJECT_ROOT / "results" / n / "train_results.csv")}
+            for n in ("wt2ref_8.3M", "distill_wt2ref_8.3M")}
+    if not logs["distill_wt2ref_8.3M"]:
+        pytest.skip("the distillation's training log is not committed yet")
+    readme = (PROJECT_ROOT / "README.md").read_text().splitlines()
+    head = next(i for i, line in enumerate(readme) if line.startswith("| step | training tokens | student alone"))
+    rows = [[c.strip().replace(",", "") for c in line.strip("|").split("|")]
+            for line in readme[head + 2: next(j for j in range(head, len(readme)) if not readme[j].startswith("|"))]]
+    assert [int(r[0]) for r in rows] == sorted(logs["distill_wt2ref_8.3M"])  # every logged step, no other
+    for step, tokens, alone, distilled, gain in rows:
+        a, d = logs["wt2ref_8.3M"][int(step)], logs["distill_wt2ref_8.3M"][int(step)]
+        assert int(tokens) == a["tokens"] == d["tokens"]  # the same data seen
+        assert (float(alone), float(distilled)) == (round(a["val_ppl"], 2), round(d["val_ppl"], 2))
+        assert float(gain.rstrip("%")) == round(100 * (d["val_ppl"] / a["val_ppl"] - 1), 1) < 0
+
+
 def test_split_statistics_on_a_small_corpus():
     vocab = ["the", "<eos>", "<unk>", "a", "b", "c"]
     arr = {"train": np.array([0, 0, 1, 2, 3, 4, 5, 1], np.int32), "valid": np.array([0, 2, 2, 1], np.int32),

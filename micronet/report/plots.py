@@ -53,6 +53,10 @@ README_RUNS = ("wt2_8.3M", "wt2_8.3M_cache2000_hebbian", "prune0.358_wt2_8.3M",
 """The runs of the README's perplexity-vs-score figure and the table beside it (the WikiText-2 pipeline)."""
 REFERENCE_RUNS = ("wt2ref_8.3M", "prune0.358_wt2ref_8.3M", "quantize_prune0.358_wt2ref_8.3M_step300_cache2000_bits9")
 """The converged reference lineage (issue 15): its figures beside the 1-epoch pipeline's."""
+REFERENCE_CURVES = ("wt2ref_8.3M", "distill_wt2ref_8.3M", "prune0.358_wt2ref_8.3M")
+"""The reference lineage's validation curves: wt2ref_8.3M is both the teacher and the student alone of its
+born-again distillation (distill_wt2ref_8.3M: same model, steps, seed and data order), so the two curves
+measure the distillation gain at every logged step."""
 
 # ----------------------------------------------------------------------------- perplexity vs score
 
@@ -296,8 +300,9 @@ def curve_data(names: Sequence[str | Mapping] | str | None = None, root: str | o
 
 
 def plot_training_curves(names: Sequence[str | Mapping] | None = None, root: str | os.PathLike | None = None,
-                         ax: Axes | None = None) -> Figure:
-    """Validation perplexity of each run's training log against training tokens (:func:`curve_data`)."""
+                         ax: Axes | None = None, title: str | None = None) -> Figure:
+    """Validation perplexity of each run's training log against training tokens (:func:`curve_data`);
+    ``title`` goes above the default one (say the dataset and what the curves compare)."""
     fig, ax = figure_axes(ax, (8.5, 5.5))
     series = curve_data(names, root)
     for s in series:
@@ -311,7 +316,8 @@ def plot_training_curves(names: Sequence[str | Mapping] | None = None, root: str
         ax.set_yscale("log")
     ax.set_xlabel("training tokens (millions; a pruned run continues from its parent's)")
     ax.set_ylabel("validation perplexity (training log)")
-    ax.set_title("training curves: the condition of each validation in the legend", fontsize=10)
+    ax.set_title((f"{title}\n" if title else "") + "training curves: the condition of each validation in the legend",
+                 fontsize=10)
     return fig
 
 
@@ -322,7 +328,8 @@ def readme_figures(root: str | os.PathLike | None = None, out_dir: str | os.Path
                    names: Sequence[str] = README_RUNS, convention: str = "paper") -> dict[str, Path]:
     """Regenerate the README's figures from the runs under ``root`` into ``out_dir`` (default
     ``docs/``): perplexity vs score of ``names``, the sparsity x bits sweep of every run, and, once its runs
-    exist, perplexity vs score and the validation curves of the reference lineage (:data:`REFERENCE_RUNS`)."""
+    exist, perplexity vs score of the reference lineage (:data:`REFERENCE_RUNS`) and its validation curves
+    (:data:`REFERENCE_CURVES`, each run once it has a training log)."""
     out = Path(out_dir) if out_dir is not None else PROJECT_ROOT / "docs"
     rows = collect_runs(root=root)
     picked = [r for r in rows if r["name"] in set(names)]
@@ -332,9 +339,10 @@ def readme_figures(root: str | os.PathLike | None = None, out_dir: str | os.Path
                                     out / "wt2_sweep.png")}  # the 1-epoch sweep; the reference lineage has its own figure
     if ref:
         figures["ref_ppl_vs_score"] = save_figure(plot_ppl_vs_score(ref, convention), out / "wt2ref_ppl_vs_score.png")
-        figures["ref_curves"] = save_figure(plot_training_curves([r["name"] for r in ref], root),
+        figures["ref_curves"] = save_figure(plot_training_curves(list(REFERENCE_CURVES), root, title=(
+            "WikiText-2 (valid split): wt2ref_8.3M is the teacher and the student alone of distill_wt2ref_8.3M")),
                                             out / "wt2ref_curves.png")  # runs without a training log are skipped
     return figures
 
 
-__all__ = ["CACHE_MARKERS", "PPL_TARGET", "README_RUNS", "REFERENCE_RUNS", "REFERENCE_DATASET", "STAGE_COLORS", "STAGE_NAMES", "component_data", "curve_data", "load_score", "plot_components", "plot_ppl_vs_score", "plot_training_curves", "ppl_score_data", "readme_figures", "short_label"]
+__all__ = ["CACHE_MARKERS", "PPL_TARGET", "README_RUNS", "REFERENCE_CURVES", "REFERENCE_RUNS", "REFERENCE_DATASET", "STAGE_COLORS", "STAGE_NAMES", "component_data", "curve_data", "load_score", "plot_components", "plot_ppl_vs_score", "plot_training_curves", "ppl_score_data", "readme_figures", "short_label"]
