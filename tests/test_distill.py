@@ -11,6 +11,7 @@ import torch
 from conftest import compose_cfg
 from micronet import soft_labels, train
 from micronet.data.batches import sample_batch
+from micronet.model import linear_softmax
 from micronet.runs.results import RunDir
 from micronet.training import distill
 from micronet.training.distill import (DistillConfig, Distiller, SoftLabels, distill_loss, gather_log_probs,
@@ -30,13 +31,14 @@ def test_hard_weight_rises_linearly_from_hard_min_to_hard_max():
 
 
 def test_gather_matches_full_log_probs_with_gradients(monkeypatch):
-    monkeypatch.setattr(distill, "_BLOCK_FLOATS", 1)  # blocks of 16 rows: 21 rows take two
+    monkeypatch.setattr(linear_softmax, "BLOCK_ELEMS", 40)  # blocks of 1-3 rows: every path blocked
     model = tiny_lm()
     model.train()
     h = torch.randn(3, 7, 16, requires_grad=True)
     ids = torch.randint(0, VOCAB, (3, 7, 6))
     ids[0, 0] = torch.tensor([0, 9, 10, 24, 25, 39])  # bin edges of cutoffs [10, 25]
     ids[1] = torch.randint(0, 10, (7, 6))  # rows with head ids only: no tail computed
+    ids[2, 0] = torch.tensor([3, 3, 12, 12, 30, 30])  # repeated ids: their gradients add
     w = torch.randn(3, 7, 6)
 
     got = gather_log_probs(model.softmax, h, ids)
@@ -103,10 +105,20 @@ def test_distiller_reads_the_rows_of_the_batch_targets(tmp_path):
     dist = Distiller(DistillConfig(teacher="t", topk=5), labels)
     h_student = torch.randn(3, 16, 16, requires_grad=True)
     lp = model.target_log_probs(h_student, y)
-    loss = dist.loss(model, h_student, lp, starts, step=0, steps=10)
+    y_t = torch.from_numpy(y.astype(np.int64)) if isinstance(y, np.ndarray) else y
+    loss = dist.loss(model, h_student, y_t, starts, step=0, steps=10, target_lp=lp)
     direct = distill_loss(lp, model.log_probs(h_student).gather(-1, torch.from_numpy(ids).long()),
                           torch.from_numpy(probs), 0.5)
     assert loss.item() == pytest.approx(direct.item(), rel=1e-6)
+    # without the trainer's log p(target), the hard term comes from the same softmax pass: the same loss
+    # and the same gradients
+    g_given = torch.autograd.grad(loss, h_student)[0]
+    one_pass = dist.loss(model, h_student, y_t, starts, step=0, steps=10)
+    assert one_pass.item() == pytest.approx(direct.item(), rel=1e-6)
+    lp2 = model.target_log_probs(h_student, y_t)
+    g_direct = torch.autograd.grad(dist.loss(model, h_student, y_t, starts, 0, 10, target_lp=lp2), h_student)[0]
+    torch.testing.assert_close(torch.autograd.grad(one_pass, h_student)[0], g_direct)
+    torch.testing.assert_close(g_given, g_direct)
 
 
 def test_distillation_run_and_refusals(tiny_env, tmp_path):

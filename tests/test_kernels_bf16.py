@@ -66,6 +66,42 @@ def test_target_log_prob_matches_fp64(precision, keep_probs, d, V):
         assert max(errs) > 1e-5  # really ran in bf16 (fp32 would be ~1e-7)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("path", ["keep_probs", "recompute", "narrow"])
+def test_k_targets_per_row_match_fp64(precision, path):
+    """(N, k) targets (distillation's top-k): k gathers of one softmax, repeated ids' gradients added."""
+    g = torch.Generator().manual_seed(3)
+    N, k = 41, 5
+    d, V = (4, 900) if path == "narrow" else (64, 700)
+    x = torch.randn(N, d, generator=g) / d**0.25
+    w = torch.randn(V, d, generator=g) / d**0.25
+    b = torch.randn(V, generator=g) * 0.5
+    t = torch.randint(0, V, (N, k), generator=g)
+    t[:4, 0] = (x[:4] @ w.T + b).argmax(1)  # p near 1
+    t[4:8, 1] = t[4:8, 3]  # repeated ids in a row
+    up = torch.randn(N, k, generator=g)
+    ref_in = [a.double().requires_grad_() for a in (x, w, b)]
+    logits = ref_in[0] @ ref_in[1].T + ref_in[2]
+    ref = F.log_softmax(logits, -1).gather(1, t)
+    ref_grads = torch.autograd.grad((ref * up.double()).sum(), ref_in)
+    ins = [a.clone().requires_grad_() for a in (x, w, b)]
+    with autocast(precision == "bf16"):
+        if path == "narrow":
+            got = narrow_target_log_prob(*ins, t, block_elems=37 * 41)
+        else:
+            got = target_log_prob(*ins, t, block_elems=4096, keep_probs=path == "keep_probs")
+    assert got.shape == (N, k) and got.dtype == torch.float32
+    grads = torch.autograd.grad((got * up).sum(), ins)
+    if precision == "fp32" or path == "narrow":  # the narrow path is fp32 under autocast too
+        torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+        assert all(rel_err(a, r) < 1e-5 for a, r in zip(grads, ref_grads))
+    else:
+        err = got.detach().double() - ref.detach()
+        assert float(err.abs().max()) <= 2**-7 * (1 + float(logits.detach().abs().max()))
+        errs = [rel_err(a, r) for a, r in zip(grads, ref_grads)]
+        assert 1e-5 < max(errs) < BF16_GRAD_RTOL, errs
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("block_elems", [1, 37 * 23, 1 << 19])  # one column per block, ragged blocks, one block
 def test_column_blocked_narrow_path_is_exact_in_fp64(block_elems, with_bias):

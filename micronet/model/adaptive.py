@@ -106,14 +106,14 @@ class AdaptiveLogSoftmax(nn.Module):
     def target_log_probs(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """log p(target) for each row, computing each tail only for the rows that need it.
 
-        h: (N, d_model), target: (N,) -> (N,) float32 (float64 for float64 inputs). Every row needs one
-        head column (its word, or its tail's cluster), so no (N x words) log-probabilities are stored:
-        see :mod:`micronet.model.linear_softmax`.
+        h: (N, d_model), target: (N,) -> (N,) float32 (float64 for float64 inputs); target (N, k) -> (N, k),
+        k words per row (distillation's top-k). Every target needs one head column (its word, or its
+        tail's cluster), so no (N x words) log-probabilities are stored: see :mod:`micronet.model.linear_softmax`.
         """
         n_head = self.edges[1]
         inner = torch.tensor(self.edges[1:-1], device=target.device)
-        bins = torch.bucketize(target, inner, right=True)  # (N,) 0 = head, i = tail bin i
-        head_col = torch.where(bins == 0, target, n_head + bins - 1)  # (N,) word or cluster column
+        bins = torch.bucketize(target, inner, right=True)  # (N,) or (N, k): 0 = head, i = tail bin i
+        head_col = torch.where(bins == 0, target, n_head + bins - 1)  # word or cluster column
         weight, bias = self.table(0), self.biases[0]
         if isinstance(self.projs[0], nn.Linear):  # (h P^T) T^T = h (T P)^T
             weight = weight @ self.projs[0].weight
@@ -122,11 +122,14 @@ class AdaptiveLogSoftmax(nn.Module):
             bias = torch.cat([bias, self.cluster.bias.to(bias.dtype)])
         out = target_log_prob(h, weight, bias, head_col)
         for i in range(1, self.n_bins):
-            rows = (bins == i).nonzero(as_tuple=True)[0]
+            in_bin = bins == i
+            rows = (in_bin if in_bin.dim() == 1 else in_bin.any(1)).nonzero(as_tuple=True)[0]  # rows that need tail i
             if rows.numel() == 0:
                 continue
-            tail = target_log_prob(self.projs[i](h[rows]), self.table(i), self.biases[i], target[rows] - self.edges[i])
-            out = out.index_add(0, rows, tail.to(out.dtype))
+            # targets of other bins are clamped into range, then their log p(word | cluster i) is dropped
+            local = (target[rows] - self.edges[i]).clamp(0, self.edges[i + 1] - self.edges[i] - 1)
+            tail = target_log_prob(self.projs[i](h[rows]), self.table(i), self.biases[i], local)
+            out = out.index_add(0, rows, torch.where(in_bin[rows], tail.to(out.dtype), 0.0))
         return out
 
     def bin_inputs(self, h: torch.Tensor, i: int) -> torch.Tensor:

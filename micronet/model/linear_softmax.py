@@ -1,6 +1,7 @@
 """log p(target) under a linear softmax, without materialising the (rows x words) log-probabilities.
 
-``target_log_prob(x, W, b, t)[n] = log softmax(x[n] @ W.T + b)[t[n]]``, computed block by block:
+``target_log_prob(x, W, b, t)[n] = log softmax(x[n] @ W.T + b)[t[n]]``, or for k targets per row
+(t of shape (N, k), as distillation's top-k soft labels need) ``[n, j] = ...[t[n, j]]``, computed block by block:
 a block of rows times all words stays in the CPU's last-level cache, so the logits are exponentiated
 and summed while hot, with one exp pass and no log-softmax output or its backward. The backward either
 turns the probabilities kept by the forward into the logit gradient in place and runs its matmuls over
@@ -37,6 +38,24 @@ def _rows_per_block(n_words: int, block_elems: int) -> int:
     return max(1, block_elems // max(1, n_words))
 
 
+def _cols(t: torch.Tensor) -> torch.Tensor:
+    """Targets or their gradients as (N, k) columns: (N,) -> (N, 1), (N, k) unchanged."""
+    return t[:, None] if t.dim() == 1 else t
+
+
+def _target_grads(t: torch.Tensor, g: torch.Tensor, gs: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+    """The logit gradient at the target columns, fp32: (R, k) ``sum_{j: t_j = t_i} g_j - p_{t_i} sum_j g_j``.
+
+    A column named twice in a row (a repeated id) gets the sum of both gradients, so every copy
+    carries the same value and ``scatter_`` is exact. For k = 1 this is ``g (1 - p_t)`` without
+    cancellation (``-expm1(lp)``).
+    """
+    if t.shape[1] == 1:
+        return g * -torch.expm1(lp)
+    same = (t[:, :, None] == t[:, None, :]).to(g.dtype)  # (R, k, k)
+    return torch.bmm(same, g[:, :, None]).squeeze(2) - lp.exp() * gs
+
+
 class _LinearTargetLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
@@ -48,21 +67,21 @@ class _LinearTargetLogProb(torch.autograd.Function):
             N, V = x.shape[0], w.shape[0]
             R = _rows_per_block(V, block_elems)
             lse = torch.empty(N, dtype=dtype, device=x.device)
-            picked = torch.empty_like(lse)
+            picked = torch.empty(target.shape, dtype=dtype, device=x.device)  # (N,) or (N, k)
             # bf16: logits, exponentials and kept probabilities in bf16 (half the memory and traffic), the
             # sums, log-normaliser and output in fp32.
             probs = torch.empty(N, V, dtype=mm_dtype, device=x.device) if keep_probs else None
             for a in range(0, N, R):
                 out = probs[a : a + R] if keep_probs else None
                 logits = _logits(xw[a : a + R], w, b, out)  # (R, V)
-                picked[a : a + R] = logits.gather(1, target[a : a + R, None]).squeeze(1)
+                picked[a : a + R] = logits.gather(1, _cols(target[a : a + R])).view_as(picked[a : a + R])
                 m = logits.amax(1, keepdim=True)  # (R, 1)
                 e = logits.sub_(m).exp_()  # (R, V) unnormalised probabilities, in place
                 s = e.sum(1, keepdim=True, dtype=dtype)  # (R, 1)
                 lse[a : a + R] = (m.to(dtype) + s.log()).squeeze(1)
                 if keep_probs:
                     e.div_(s)
-        out = picked - lse
+        out = picked - (lse if target.dim() == 1 else lse[:, None])
         ctx.save_for_backward(x, weight, bias, target, lse, probs, out)
         ctx.block_elems, ctx.mm_dtype = block_elems, mm_dtype
         return out
@@ -75,7 +94,8 @@ class _LinearTargetLogProb(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             xw, w = x.to(mm_dtype), weight.to(mm_dtype)
             b = bias.to(mm_dtype) if bias is not None else None
-            g = grad.to(dtype)
+            g = _cols(grad.to(dtype))  # (N, k): k = 1 for one target per row
+            lp = _cols(out)  # (N, k)
             gx = torch.empty_like(xw) if ctx.needs_input_grad[0] else None
             gw = torch.zeros(w.shape, dtype=dtype, device=w.device) if ctx.needs_input_grad[1] else None
             gb = torch.zeros(b.shape, dtype=dtype, device=b.device) if b is not None and ctx.needs_input_grad[2] else None
@@ -86,17 +106,18 @@ class _LinearTargetLogProb(torch.autograd.Function):
             # 8.3M model's 242,735-word bin) and its per-block weight-gradient adds cost more than the matmuls.
             R = x.shape[0] if probs is not None else _rows_per_block(w.shape[0], ctx.block_elems)
             for a in range(0, x.shape[0], R):
-                xa, ga = xw[a : a + R], g[a : a + R, None]  # (R, d), (R, 1)
+                xa, ga = xw[a : a + R], g[a : a + R]  # (R, d), (R, k)
+                gs = ga.sum(1, keepdim=True)  # (R, 1)
                 if probs is not None:
                     # The kept probabilities become the logit gradient in place, with no second (R, V) buffer;
                     # autograd's version counter refuses a second backward through them (retain_graph).
-                    dl = probs[a : a + R].mul_(-ga.to(mm_dtype))  # (R, V)
+                    dl = probs[a : a + R].mul_(-gs.to(mm_dtype))  # (R, V)
                 else:  # recompute this block's softmax
-                    dl = _logits(xa, w, b).sub_(lse[a : a + R, None].to(mm_dtype)).exp_().mul_(-ga.to(mm_dtype))
-                # d log p_t / d logits = onehot(t) - softmax, scaled by the incoming gradient.
-                ta = target[a : a + R, None]
-                if low:  # the target column from the fp32 log-prob: g (1 - p_t) with one rounding, not bf16's 1 - p_t
-                    dl.scatter_(1, ta, (ga * -torch.expm1(out[a : a + R, None])).to(mm_dtype))
+                    dl = _logits(xa, w, b).sub_(lse[a : a + R, None].to(mm_dtype)).exp_().mul_(-gs.to(mm_dtype))
+                # d sum_j g_j log p_{t_j} / d logits = sum_j g_j onehot(t_j) - softmax * sum_j g_j.
+                ta = _cols(target[a : a + R])  # (R, k)
+                if low:  # target columns from the fp32 log-probs with one rounding, not bf16's g - p_t g
+                    dl.scatter_(1, ta, _target_grads(ta, ga, gs, lp[a : a + R]).to(mm_dtype))
                 else:
                     dl.scatter_add_(1, ta, ga)
                 if gx is not None:
@@ -144,10 +165,11 @@ class _NarrowTargetLogProb(torch.autograd.Function):
                 s = s * (m - m_new).exp_() + z.sub_(m_new).exp_().sum(1, keepdim=True)
                 m = m_new
             lse = (m + s.log()).squeeze(1)  # (N,)
-            picked = (xf * w[target]).sum(1) + (b[target] if b is not None else 0)  # (N,) logit of the target
+            t = _cols(target)  # (N, k)
+            picked = (xf[:, None, :] * w[t]).sum(2) + (b[t] if b is not None else 0)  # (N, k) target logits
         ctx.save_for_backward(x, weight, bias, target, lse)
         ctx.cols = cols
-        return picked - lse
+        return (picked - lse[:, None]).view(target.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -156,11 +178,12 @@ class _NarrowTargetLogProb(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             xf, w = x.to(dtype), weight.to(dtype)
             b = bias.to(dtype) if bias is not None else None
-            g = grad.to(dtype)[:, None]  # (N, 1)
-            # the one-hot part: d log p_t / d logit_t += g
-            gx = g * w[target]  # (N, d)
-            gw = torch.zeros_like(w).index_add_(0, target, g * xf)  # (V, d)
-            gb = torch.zeros_like(b).index_add_(0, target, g[:, 0]) if b is not None else None
+            gk, t = _cols(grad.to(dtype)), _cols(target)  # (N, k) each
+            g = gk.sum(1, keepdim=True)  # (N, 1)
+            # the one-hot part: d log p_t / d logit_t += g_t
+            gx = (gk[:, :, None] * w[t]).sum(1)  # (N, d)
+            gw = torch.zeros_like(w).index_add_(0, t.reshape(-1), (gk[:, :, None] * xf[:, None, :]).flatten(0, 1))
+            gb = torch.zeros_like(b).index_add_(0, t.reshape(-1), gk.reshape(-1)) if b is not None else None
             for c in range(0, w.shape[0], cols):
                 wc = w[c : c + cols]
                 p = _logits(xf, wc, b[c : c + cols] if b is not None else None).sub_(lse[:, None]).exp_().mul_(g)
@@ -191,7 +214,8 @@ def _logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch
 def target_log_prob(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
                     block_elems: int | None = None, keep_probs: bool | None = None) -> torch.Tensor:
     """``log_softmax(x @ weight.T + bias)[n, target[n]]`` for every row: x (N, d), weight (V, d), bias (V,)
-    or None, target (N,) int64 in [0, V) -> (N,) in at least fp32, with gradients for x, weight and bias.
+    or None, target (N,) int64 in [0, V) -> (N,) in at least fp32, with gradients for x, weight and bias;
+    target (N, k) -> (N, k), the log-probabilities of k words per row (one softmax, k gathers).
     Under bf16 autocast (or for bf16 ``x``) the matmuls, logits and kept probabilities are bf16; the
     exponential sums, the log-normaliser, the output and the weight/bias gradients' sums stay fp32.
 
@@ -213,5 +237,5 @@ def target_log_prob(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         keep_probs = x.shape[1] >= KEEP_PROBS_MIN_DIM
     keep_probs = keep_probs and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if x.shape[0] == 0:
-        return x.new_zeros(0, dtype=torch.promote_types(x.dtype, torch.float32))
+        return x.new_zeros(target.shape, dtype=torch.promote_types(x.dtype, torch.float32))
     return _LinearTargetLogProb.apply(x, weight, bias, target, block_elems, keep_probs, mm_dtype)

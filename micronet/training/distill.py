@@ -11,14 +11,10 @@ tail bins; the original treated them differently). ``h`` rises linearly from ``h
 step 0 to ``hard_max`` at ``steps``. The hard term is the NLL of whatever target
 log-probability the trainer computed (so it composes with a cache-mixed probability).
 
-log p_student(id) for k ids per position is gathered bin by bin from the adaptive softmax
-(head for all rows, tail i only for rows with an id in tail i) by a fused log-softmax-gather
-whose backward recomputes the logits block by block: the extra memory is one block, not
-(rows x vocab), so a distillation run's peak RSS stays close to a plain run's. Measured on
-the WikiText-2 student, 10 x 1152 rows, top-30, forward + backward, 1 thread: this gather 3.6 s
-and +0.19 GB; ``model.log_probs`` in blocks of 512 then gather 12.7 s and +4.4 GB (the hard
-``target_log_probs`` alone: 2.0 s, +0.86 GB). Soft labels are read per batch with pread
-(:class:`SoftLabels`), never loaded or kept mapped.
+log p_student(id) for k ids per position comes from the adaptive softmax's k-target
+``target_log_probs`` (head for all rows, tail i only for rows with an id in tail i): the blocked
+kernel of the hard loss, never (rows x vocab) log-probabilities. Soft labels are read per batch
+with pread (:class:`SoftLabels`), never loaded or kept mapped.
 """
 
 from __future__ import annotations
@@ -121,86 +117,16 @@ def find_soft_labels(teacher: str, topk: int, step: int | str | None) -> Path:
                          f"python -m micronet.soft_labels name={teacher} topk={topk}")
 
 
-_BLOCK_FLOATS = 1 << 21  # logits per block (8 MB fp32): bounds memory, and small blocks stay in cache
-
-
-def _logits(segs: list[tuple[torch.Tensor, ...]], a: int, b: int) -> torch.Tensor:
-    """Rows a..b of cat_s(x_s @ w_s^T + b_s) in fp32: (b - a, sum_s |w_s|)."""
-    return torch.cat([F.linear(x[a:b].float(), w.float(), bias.float()) for x, w, bias in segs], dim=1)
-
-
-class _LogSoftmaxGather(torch.autograd.Function):
-    """log_softmax over concatenated linear segments, gathered at k columns per row.
-
-    ``forward(idx (n, k), x_0, w_0, b_0, x_1, ...)`` with logits = cat_s(x_s w_s^T + b_s) returns
-    logits.gather(1, idx) - logsumexp(logits), shape (n, k). Only the inputs and the (n,)
-    normalisers are kept; backward recomputes the logits block by block and uses
-    d logits = scatter(g) - softmax * sum(g): one (block x vocab) matrix at a time, never (n x vocab).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, idx: torch.Tensor, *xwb: torch.Tensor) -> torch.Tensor:
-        segs = [xwb[i : i + 3] for i in range(0, len(xwb), 3)]
-        n, width = idx.shape[0], sum(w.shape[0] for _, w, _ in segs)
-        block = max(16, _BLOCK_FLOATS // width)
-        out = idx.new_empty(idx.shape, dtype=torch.float32)
-        lse = idx.new_empty((n,), dtype=torch.float32)
-        with torch.autocast(idx.device.type, enabled=False):
-            for a in range(0, n, block):
-                logits = _logits(segs, a, a + block)  # (rows, width)
-                lse[a : a + block] = torch.logsumexp(logits, dim=1)
-                out[a : a + block] = logits.gather(1, idx[a : a + block]) - lse[a : a + block, None]
-        ctx.save_for_backward(idx, lse, *xwb)
-        ctx.block = block
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        idx, lse, *xwb = ctx.saved_tensors
-        segs = [xwb[i : i + 3] for i in range(0, len(xwb), 3)]
-        grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in xwb]
-        g = g.float()
-        with torch.autocast(idx.device.type, enabled=False):
-            for a in range(0, idx.shape[0], ctx.block):
-                b = min(a + ctx.block, idx.shape[0])
-                d = _logits(segs, a, b).sub_(lse[a:b, None]).exp_().mul_(-g[a:b].sum(1, keepdim=True))
-                d.scatter_add_(1, idx[a:b], g[a:b])  # (rows, width): d loss / d logits
-                col = 0
-                for s, (x, w, _) in enumerate(segs):
-                    ds = d[:, col : col + w.shape[0]]
-                    col += w.shape[0]
-                    grads[3 * s][a:b] = ds @ w.float()
-                    grads[3 * s + 1] += ds.t() @ x[a:b].float()
-                    grads[3 * s + 2] += ds.sum(0)
-        return (None, *(gr.to(t.dtype) if ctx.needs_input_grad[i + 1] else None
-                        for i, (gr, t) in enumerate(zip(grads, xwb))))
-
-
 def gather_log_probs(softmax: AdaptiveLogSoftmax, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Student log-probabilities of given word ids: h (..., d_model), ids (..., k) -> (..., k) float32.
 
     Equal to ``model.log_probs(h).gather(-1, ids)`` (values and gradients) without holding
-    (rows x vocab): the head gives log p(word) for head ids and log p(cluster) for tail ids; tail
-    i adds log p(word | cluster) and is computed only for rows with an id in it.
+    (rows x vocab) log-probabilities: the adaptive softmax's k-target ``target_log_probs`` (the
+    blocked kernel of the hard loss, bf16 under bf16 autocast, each tail only for rows with an id in it).
     """
     flat_h = h.reshape(-1, h.shape[-1])  # (N, d_model)
-    ids = ids.reshape(-1, ids.shape[-1]).long()  # (N, k)
-    edges, n_head = softmax.edges, softmax.edges[1]
-    bins = torch.bucketize(ids, torch.tensor(edges[1:-1], device=ids.device), right=True)  # (N, k): bin of each id
-    head_idx = torch.where(bins == 0, ids, n_head + bins - 1)  # tail ids point at their cluster logit
-    segs = [softmax.projs[0](flat_h), softmax.table(0), softmax.biases[0]]
-    if softmax.cluster is not None:
-        segs += [flat_h, softmax.cluster.weight, softmax.cluster.bias]
-    out = _LogSoftmaxGather.apply(head_idx, *segs)  # (N, k)
-    for i in range(1, softmax.n_bins):
-        in_bin = bins == i  # (N, k)
-        rows = in_bin.any(1).nonzero(as_tuple=True)[0]  # only rows that need this tail
-        if rows.numel() == 0:
-            continue
-        local = (ids[rows] - edges[i]).clamp(0, edges[i + 1] - edges[i] - 1)  # (r, k)
-        vals = _LogSoftmaxGather.apply(local, softmax.projs[i](flat_h[rows]), softmax.table(i), softmax.biases[i])
-        out = out.index_add(0, rows, torch.where(in_bin[rows], vals, 0.0))
-    return out.view(*h.shape[:-1], ids.shape[-1])
+    flat_ids = ids.reshape(-1, ids.shape[-1]).long()  # (N, k)
+    return softmax.target_log_probs(flat_h, flat_ids).view(*h.shape[:-1], ids.shape[-1])
 
 
 def soft_cross_entropy(student_lp: torch.Tensor, teacher_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,13 +159,21 @@ class Distiller:
     def __init__(self, cfg: DistillConfig, labels: SoftLabels):
         self.cfg, self.labels = cfg, labels
 
-    def loss(self, model: torch.nn.Module, h: torch.Tensor, target_lp: torch.Tensor, starts: np.ndarray,
-             step: int, steps: int) -> torch.Tensor:
-        """Distillation loss of a batch: h (B, T, d_model), target_lp (B, T); ``starts`` from sample_batch."""
-        ids, probs = self.labels.rows(starts, target_lp.shape[1])  # (B, T, k) each, read from disk
+    def loss(self, model: torch.nn.Module, h: torch.Tensor, y: torch.Tensor, starts: np.ndarray, step: int,
+             steps: int, target_lp: torch.Tensor | None = None) -> torch.Tensor:
+        """Distillation loss of a batch: h (B, T, d_model), targets y (B, T); ``starts`` from sample_batch.
+
+        ``target_lp`` (B, T): log p(target) as the trainer computed it (a cache-mixed probability, say);
+        None: the student's own, gathered in the same softmax pass as the teacher's ids (one pass, not two).
+        """
+        ids, probs = self.labels.rows(starts, y.shape[1])  # (B, T, k) each, read from disk
         ids_t = torch.from_numpy(ids.astype(np.int64)).to(h.device)
         probs_t = torch.from_numpy(probs.astype(np.float32)).to(h.device)
-        student_lp = gather_log_probs(model.softmax, h, ids_t)  # (B, T, k)
+        if target_lp is None:
+            both = gather_log_probs(model.softmax, h, torch.cat([ids_t, y[..., None]], -1))  # (B, T, k + 1)
+            student_lp, target_lp = both[..., :-1], both[..., -1]
+        else:
+            student_lp = gather_log_probs(model.softmax, h, ids_t)  # (B, T, k)
         hard = hard_weight(step, steps, self.cfg.hard_min, self.cfg.hard_max)
         return distill_loss(target_lp, student_lp, probs_t, hard)
 

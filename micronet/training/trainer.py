@@ -197,12 +197,14 @@ class Trainer:
     def _loss(self, x: torch.Tensor, y: torch.Tensor, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Training loss of rows x (B, T) -> y (B, T) at ``starts`` (B,), and the final hidden states."""
         h, _ = self.model(x)  # (B, T, d_model); training chunks start with no memory
+        if self.distill is not None and self.cache is None:  # log p(target) from the soft loss's softmax pass
+            return self.distill.loss(self.model, h, y, starts, self.step, self.cfg.steps), h
         lp = self.model.target_log_probs(h, y)  # (B, T) log p(target)
         if self.cache is not None:
             lp = self.cache(h, y, lp)  # mixed with each sequence's own cache
         loss = -lp.mean()
         if self.distill is not None:  # h * NLL(lp) + (1 - h) * soft CE vs the teacher's top-k
-            loss = self.distill.loss(self.model, h, lp, starts, self.step, self.cfg.steps)
+            loss = self.distill.loss(self.model, h, y, starts, self.step, self.cfg.steps, target_lp=lp)
         return loss, h
 
     def _bad_step(self, what: str, n_tokens: int) -> float:
