@@ -322,17 +322,29 @@ def test_the_committed_results_behind_the_readme_figures():
 
 
 def test_the_committed_reference_lineage_behind_its_readme_figure():
-    """The converged lineage's figure: trained -> pruned -> quantized, one WikiText-2 panel, each point at the
-    cache its score counts, every label legible; the pruned run's curve continues from its parent's tokens."""
+    """The converged lineage's figure: teacher, distilled -> pruned -> quantized, one WikiText-2 panel, each point
+    at the cache its score counts, every label legible; the pruned run's curve continues from its parent's tokens."""
     rows = [r for r in report.collect_runs(root=PROJECT_ROOT / "results") if r["name"] in report.REFERENCE_RUNS]
     if len([r for r in rows if r["score_file"]]) < len(report.REFERENCE_RUNS):
         pytest.skip("the reference lineage is not committed yet")
     (panel,) = report.ppl_score_data(rows)["panels"]
-    assert panel["dataset"] == "wikitext-2" and len(panel["points"]) == 3
-    assert_labels_readable(report.plot_ppl_vs_score(rows).axes[0], 3)
-    curves = report.curve_data(list(report.REFERENCE_RUNS[:2]), PROJECT_ROOT / "results")
-    assert [c["name"] for c in curves] == list(report.REFERENCE_RUNS[:2])
+    assert panel["dataset"] == "wikitext-2" and len(panel["points"]) == 4
+    assert_labels_readable(report.plot_ppl_vs_score(rows).axes[0], 4)
+    trained, pruned = report.REFERENCE_RUNS[1:3]
+    curves = report.curve_data([trained, pruned], PROJECT_ROOT / "results")
+    assert [c["name"] for c in curves] == [trained, pruned]
     assert curves[1]["tokens"][0] > curves[0]["tokens"][-1]  # the fine-tune continues from its parent's tokens
+
+
+def test_descendants_follow_parents_and_the_sweeps_keep_their_lineages_apart():
+    rows = [{"name": "a"}, {"name": "b", "parent": "a"}, {"name": "c", "parent": "b"}, {"name": "x"},
+            {"name": "y", "parent": "x"}, {"name": "loop1", "parent": "loop2"}, {"name": "loop2", "parent": "loop1"}]
+    assert [r["name"] for r in report.descendants(rows, ["a"])] == ["a", "b", "c"]
+    assert [r["name"] for r in report.descendants(rows, ["b", "x"])] == ["b", "c", "x", "y"]
+    assert report.descendants(rows, ["nothing"]) == []
+    committed = report.collect_runs(root=PROJECT_ROOT / "results")
+    converged = {r["name"] for r in report.descendants(committed, report.REFERENCE_ROOTS)}
+    assert "prune0.358_wt2ref_8.3M" in converged and "prune0.358_wt2_8.3M" not in converged
 
 
 def test_the_readme_distillation_table_is_the_two_training_logs():

@@ -27,7 +27,7 @@ from matplotlib.lines import Line2D
 from micronet.report.layout import figure_axes, padded_range, place_labels, save_figure, spread
 from micronet.report.runs import (check_convention, collect_runs, dataset_label, read_training_curve, run_names,
                                   token_offset, validation_condition)
-from micronet.report.sweep import plot_sweep
+from micronet.report.sweep import descendants, plot_sweep
 from micronet.runs.paths import PROJECT_ROOT, results_root
 
 PPL_TARGET = 35.0
@@ -51,12 +51,18 @@ CACHE_MARKERS = ("o", "D", "^", "s", "v", "P", "X")
 README_RUNS = ("wt2_8.3M", "wt2_8.3M_cache2000_hebbian", "prune0.358_wt2_8.3M",
                "quantize_prune0.358_wt2_8.3M_step300_cache2000_bits9")
 """The runs of the README's perplexity-vs-score figure and the table beside it (the WikiText-2 pipeline)."""
-REFERENCE_RUNS = ("wt2ref_8.3M", "prune0.358_wt2ref_8.3M", "quantize_prune0.358_wt2ref_8.3M_step300_cache2000_bits9")
-"""The converged reference lineage (issue 15): its figures beside the 1-epoch pipeline's."""
-REFERENCE_CURVES = ("wt2ref_8.3M", "distill_wt2ref_8.3M", "prune0.358_wt2ref_8.3M")
+REFERENCE_RUNS = ("wt2ref_8.3M", "distill_wt2ref_8.3M", "prune0.358_distill_wt2ref_8.3M",
+                  "quantize_prune0.358_distill_wt2ref_8.3M_step300_cache2000_bits9")
+"""The converged reference lineage (issue 15): teacher (= student alone), distilled, pruned, quantized."""
+REFERENCE_ROOTS = ("wt2ref_8.3M", "distill_wt2ref_8.3M")
+"""The converged runs' trained roots: their descendants are the reference lineage's, not the 1-epoch sweep's."""
+REFERENCE_SWEEP_PARENT = "distill_wt2ref_8.3M"
+"""The dense parent of the converged sparsity x bits sweep."""
+REFERENCE_CURVES = ("wt2ref_8.3M", "distill_wt2ref_8.3M", "prune0.358_distill_wt2ref_8.3M")
 """The reference lineage's validation curves: wt2ref_8.3M is both the teacher and the student alone of its
 born-again distillation (distill_wt2ref_8.3M: same model, steps, seed and data order), so the two curves
 measure the distillation gain at every logged step."""
+
 
 # ----------------------------------------------------------------------------- perplexity vs score
 
@@ -327,22 +333,27 @@ def plot_training_curves(names: Sequence[str | Mapping] | None = None, root: str
 def readme_figures(root: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
                    names: Sequence[str] = README_RUNS, convention: str = "paper") -> dict[str, Path]:
     """Regenerate the README's figures from the runs under ``root`` into ``out_dir`` (default
-    ``docs/``): perplexity vs score of ``names``, the sparsity x bits sweep of every run, and, once its runs
-    exist, perplexity vs score of the reference lineage (:data:`REFERENCE_RUNS`) and its validation curves
-    (:data:`REFERENCE_CURVES`, each run once it has a training log)."""
+    ``docs/``): perplexity vs score of ``names`` and the sparsity x bits sweep of the 1-epoch runs, and, once
+    its runs exist, the converged reference lineage's: perplexity vs score (:data:`REFERENCE_RUNS`), validation
+    curves (:data:`REFERENCE_CURVES`, each run once it has a training log) and the sweep under
+    :data:`REFERENCE_SWEEP_PARENT`."""
     out = Path(out_dir) if out_dir is not None else PROJECT_ROOT / "docs"
     rows = collect_runs(root=root)
     picked = [r for r in rows if r["name"] in set(names)]
     ref = [r for r in rows if r["name"] in set(REFERENCE_RUNS)]
+    converged = {r["name"] for r in descendants(rows, REFERENCE_ROOTS)}
     figures = {"ppl_vs_score": save_figure(plot_ppl_vs_score(picked, convention), out / "wt2_ppl_vs_score.png"),
-               "sweep": save_figure(plot_sweep([r for r in rows if r["name"] not in REFERENCE_RUNS], convention),
-                                    out / "wt2_sweep.png")}  # the 1-epoch sweep; the reference lineage has its own figure
+               "sweep": save_figure(plot_sweep([r for r in rows if r["name"] not in converged], convention),
+                                    out / "wt2_sweep.png")}  # the 1-epoch sweep; the reference lineage has its own
     if ref:
         figures["ref_ppl_vs_score"] = save_figure(plot_ppl_vs_score(ref, convention), out / "wt2ref_ppl_vs_score.png")
         figures["ref_curves"] = save_figure(plot_training_curves(list(REFERENCE_CURVES), root, title=(
             "WikiText-2 (valid split): wt2ref_8.3M is the teacher and the student alone of distill_wt2ref_8.3M")),
                                             out / "wt2ref_curves.png")  # runs without a training log are skipped
+    ref_sweep = descendants(rows, (REFERENCE_SWEEP_PARENT,))
+    if any(r.get("stage") == "prune" for r in ref_sweep):
+        figures["ref_sweep"] = save_figure(plot_sweep(ref_sweep, convention), out / "wt2ref_sweep.png")
     return figures
 
 
-__all__ = ["CACHE_MARKERS", "PPL_TARGET", "README_RUNS", "REFERENCE_CURVES", "REFERENCE_RUNS", "REFERENCE_DATASET", "STAGE_COLORS", "STAGE_NAMES", "component_data", "curve_data", "load_score", "plot_components", "plot_ppl_vs_score", "plot_training_curves", "ppl_score_data", "readme_figures", "short_label"]
+__all__ = ["CACHE_MARKERS", "PPL_TARGET", "README_RUNS", "REFERENCE_CURVES", "REFERENCE_ROOTS", "REFERENCE_RUNS", "REFERENCE_SWEEP_PARENT", "REFERENCE_DATASET", "STAGE_COLORS", "STAGE_NAMES", "component_data", "curve_data", "load_score", "plot_components", "plot_ppl_vs_score", "plot_training_curves", "ppl_score_data", "readme_figures", "short_label"]

@@ -52,6 +52,19 @@ def _ppl_at(row: Mapping, n_cache: int, split: str) -> float | None:
     return next((e.get(f"{split}_ppl") for e in row.get("evals", []) if e["n_cache"] == n_cache), None)
 
 
+def descendants(rows: Sequence[Mapping], roots: Sequence[str]) -> list[Mapping]:
+    """The rows named in ``roots`` and every row whose lineage parents (``parent``, recursively) reach one."""
+    parent = {r["name"]: r.get("parent") for r in rows}
+    keep = set(roots)
+
+    def reaches(name: str | None, seen: frozenset = frozenset()) -> bool:
+        if name is None or name in seen:
+            return False
+        return name in keep or reaches(parent.get(name), seen | {name})
+
+    return [r for r in rows if reaches(r["name"])]
+
+
 def sweep_points(rows: Sequence[Mapping], convention: str = "paper", split: str = "test") -> list[dict]:
     """Groups, one per (dense parent, pruned run, eval cache): ``dataset``, ``parent``, ``parent_ppl``,
     ``pruned``, ``method``, ``sparsity`` (measured), ``n_cache``, ``label`` and ``points``
