@@ -52,8 +52,8 @@ README_RUNS = ("wt2_8.3M", "wt2_8.3M_cache2000_hebbian", "prune0.358_wt2_8.3M",
                "quantize_prune0.358_wt2_8.3M_step300_cache2000_bits9")
 """The runs of the README's perplexity-vs-score figure and the table beside it (the WikiText-2 pipeline)."""
 REFERENCE_RUNS = ("wt2ref_8.3M", "distill_wt2ref_8.3M", "prune0.358_distill_wt2ref_8.3M",
-                  "quantize_prune0.358_distill_wt2ref_8.3M_step300_cache2000_bits9")
-"""The converged reference lineage (issue 15): teacher (= student alone), distilled, pruned, quantized."""
+                  "quantize_prune0.358_distill_wt2ref_8.3M_step300_cache2000_bits8")
+"""The converged reference lineage (issue 15): teacher (= student alone), distilled, pruned, quantized (8 bits: released)."""
 REFERENCE_ROOTS = ("wt2ref_8.3M", "distill_wt2ref_8.3M")
 """The converged runs' trained roots: their descendants are the reference lineage's, not the 1-epoch sweep's."""
 REFERENCE_SWEEP_PARENT = "distill_wt2ref_8.3M"
