@@ -241,3 +241,14 @@ def test_a_run_whose_every_checkpoint_is_damaged_is_refused_untouched(results_ro
     with pytest.raises(CheckpointError, match=f"^c has no usable checkpoint in {rd.models_dir}$"):
         train.run(compose_cfg("train", ["name=c", *TRAIN]))
     assert {p: p.read_bytes() for p in rd.models_dir.iterdir()} == before  # not silently restarted from 0
+
+
+def test_results_without_weights_of_an_experiment_say_how_to_train_them(results_root):
+    """Committed results files but no checkpoint (a withdrawn release, say): the error names the command."""
+    rd = RunDir("wt2ref_8.3M")  # an experiment of conf/experiment/
+    rd.models_dir.mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"^wt2ref_8\.3M has no usable checkpoint in .*; train it with "
+                                              r"python -m micronet\.train experiment=wt2ref_8\.3M$"):
+        rd.load()
+    with pytest.raises(CheckpointError, match=r"^not_an_experiment has no usable checkpoint in \S+$"):
+        RunDir("not_an_experiment").load()

@@ -288,7 +288,11 @@ class RunDir:
                 return load_checkpoint_file(self.checkpoint_path(s), map_location)
             except CheckpointError as e:
                 log.warning("skipping damaged checkpoint: %s", e)
-        raise CheckpointError(f"{self.name} has no usable checkpoint in {self.models_dir}")
+        hint = ""
+        if not self.steps() and (PROJECT_ROOT / "conf" / "experiment" / f"{self.name}.yaml").is_file():
+            # committed results without weights (e.g. a withdrawn release): say how to make them
+            hint = f"; train it with python -m micronet.train experiment={self.name}"
+        raise CheckpointError(f"{self.name} has no usable checkpoint in {self.models_dir}{hint}")
 
     def latest_step(self) -> int | None:
         """The newest step with a checkpoint file (not verified), or None."""
