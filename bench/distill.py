@@ -21,15 +21,18 @@ import sys
 import time
 from pathlib import Path
 
+import dataclasses
+
 import torch
-from omegaconf import OmegaConf
 
-from micronet.model.transformer import ModelConfig, TransformerLM
-from micronet.training.distill import distill_loss, gather_log_probs
+sys.path.insert(0, str(Path(__file__).parent))
+from throughput import model_config  # noqa: E402
 
-CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
-CASES = {  # name: (model config, overrides, vocab, batch, chunk): experiment=distill_wt2ref_8.3M's batch
-    "wt2ref": ("wt2_8.3M", {"dropout": 0.3, "segment_len": 32}, 33278, 8, 288),
+from micronet.model.transformer import TransformerLM  # noqa: E402
+from micronet.training.distill import distill_loss, gather_log_probs  # noqa: E402
+
+CASES = {  # name: (throughput case, overrides, batch, chunk): experiment=distill_wt2ref_8.3M's model and batch
+    "wt2ref": ("wt2_8.3M", {"dropout": 0.3, "segment_len": 32}, 8, 288),
 }
 
 
@@ -51,8 +54,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    conf, over, vocab, B, T = CASES[args.case]
-    cfg = ModelConfig(**{**OmegaConf.to_container(OmegaConf.load(CONF / f"{conf}.yaml")), **over, "vocab_size": vocab})
+    case, over, B, T = CASES[args.case]
+    cfg = dataclasses.replace(model_config(case), **over)
+    vocab = cfg.vocab_size
     torch.manual_seed(0)
     model = TransformerLM(cfg).train()
     gen = torch.Generator().manual_seed(0)

@@ -8,8 +8,9 @@ Per position the student's loss is
 
 over the teacher's k stored ids, renormalised the same way wherever the ids fall (head or
 tail bins; the original treated them differently). ``h`` rises linearly from ``hard_min`` at
-step 0 to ``hard_max`` at ``steps``. The hard term is the NLL of whatever target
-log-probability the trainer computed (so it composes with a cache-mixed probability).
+step 0 to ``hard_max`` at ``steps``. The hard term is the NLL of the target log-probability the
+trainer computed when it has one (a training cache's mixed probability), else of the student's own,
+gathered as a (k+1)-th id in the same softmax pass.
 
 log p_student(id) for k ids per position comes from the adaptive softmax's k-target
 ``target_log_probs`` (head for all rows, tail i only for rows with an id in tail i): the blocked
@@ -26,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from micronet.data.corpus import Corpus
